@@ -1,0 +1,1 @@
+"""The mathematics of engramflow in plain torch: no Prefect, no Ray."""
