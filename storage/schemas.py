@@ -1,0 +1,171 @@
+"""Explicit pyarrow schemas of every table in the artifact store.
+
+One schema per table, defined here and nowhere else, so every writer (ingest, tasks, flows) produces
+the same columns and types and every reader (DuckDB views, reports) can rely on them. All timestamps
+are UTC. Tables are append-only: a state change (a run finishing, an expert being removed) is a new
+row, and the `*_latest` views in `storage.store` show the newest row per id.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+UTC_TS = pa.timestamp("us", tz="UTC")
+
+NEIGHBOR = pa.struct([pa.field("prompt", pa.string(), nullable=False), pa.field("target", pa.string(), nullable=False)])
+
+
+def _f(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable)
+
+
+# One row per normalised edit request (docs/architecture.md, "Requests").
+REQUESTS = pa.schema([
+    _f("request_id", pa.string()),
+    _f("dataset", pa.string()),
+    _f("source", pa.string()),
+    _f("position", pa.int64()),
+    _f("case_id", pa.string(), True),
+    _f("relation", pa.string(), True),
+    _f("subject", pa.string()),
+    _f("prompt", pa.string()),
+    _f("target_new", pa.string()),
+    _f("target_true", pa.string(), True),
+    _f("paraphrase_prompts", pa.list_(pa.string())),
+    _f("neighborhood", pa.list_(NEIGHBOR)),
+    _f("generation_prompts", pa.list_(pa.string())),
+    _f("extra", pa.string()),
+    _f("ingested_at", UTC_TS),
+])
+
+# Records the ingest stage refused, with where they were and why.
+REJECTS = pa.schema([
+    _f("source", pa.string()),
+    _f("dataset", pa.string()),
+    _f("position", pa.int64(), True),
+    _f("field", pa.string(), True),
+    _f("reason", pa.string()),
+    _f("raw", pa.string(), True),
+    _f("rejected_at", UTC_TS),
+])
+
+# A flow run; every status change appends a row (`updated_at` orders them; `runs_latest` view).
+RUNS = pa.schema([
+    _f("run_id", pa.string()),
+    _f("flow", pa.string()),
+    _f("algorithm", pa.string(), True),
+    _f("model", pa.string(), True),
+    _f("dataset", pa.string(), True),
+    _f("params", pa.string()),  # JSON object
+    _f("status", pa.string()),
+    _f("started_at", UTC_TS),
+    _f("finished_at", UTC_TS, True),
+    _f("updated_at", UTC_TS),
+])
+
+# A model version = base model + ordered deltas (tensor keys in the store).
+MODEL_VERSIONS = pa.schema([
+    _f("version_id", pa.string()),
+    _f("run_id", pa.string(), True),
+    _f("parent_version", pa.string(), True),
+    _f("base_model", pa.string()),
+    _f("delta_keys", pa.list_(pa.string())),
+    _f("created_at", UTC_TS),
+    _f("note", pa.string(), True),
+])
+
+# The edit ledger: one row per request per application.
+EDITS = pa.schema([
+    _f("edit_id", pa.string()),
+    _f("run_id", pa.string()),
+    _f("request_id", pa.string()),
+    _f("algorithm", pa.string()),
+    _f("layers", pa.list_(pa.int32())),
+    _f("batch_index", pa.int64()),
+    _f("version_before", pa.string()),
+    _f("version_after", pa.string()),
+    _f("delta_key", pa.string(), True),
+    _f("delta_norm", pa.float64(), True),
+    _f("seconds", pa.float64(), True),
+    _f("applied_at", UTC_TS),
+])
+
+# Long format: one value per (run, model version, request, protocol, metric).
+METRICS = pa.schema([
+    _f("run_id", pa.string()),
+    _f("model_version", pa.string()),
+    _f("request_id", pa.string(), True),  # null for model-level metrics (perplexity, norms)
+    _f("protocol", pa.string()),
+    _f("metric", pa.string()),
+    _f("value", pa.float64(), True),
+    _f("step", pa.int64(), True),  # batch index after which it was measured
+    _f("recorded_at", UTC_TS),
+])
+
+# SCEN experts and their indexing neurons; removal appends a row with removed = true.
+EXPERTS = pa.schema([
+    _f("expert_id", pa.string()),
+    _f("run_id", pa.string()),
+    _f("request_id", pa.string()),
+    _f("layer", pa.int32()),
+    _f("rank", pa.int32(), True),
+    _f("expert_key", pa.string()),
+    _f("neuron_key", pa.string(), True),
+    _f("bytes", pa.int64(), True),
+    _f("created_at", UTC_TS),
+    _f("removed", pa.bool_()),
+])
+
+# Covariance statistics partials: one row per (model, layer, corpus, shard), tensor in the store.
+STATS = pa.schema([
+    _f("stats_id", pa.string()),
+    _f("base_model", pa.string()),
+    _f("layer", pa.int32()),
+    _f("corpus", pa.string()),
+    _f("shard", pa.int32()),
+    _f("n_shards", pa.int32()),
+    _f("max_tokens", pa.int64(), True),
+    _f("n", pa.int64()),
+    _f("tensor_key", pa.string()),
+    _f("created_at", UTC_TS),
+])
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "requests": REQUESTS,
+    "rejects": REJECTS,
+    "runs": RUNS,
+    "model_versions": MODEL_VERSIONS,
+    "edits": EDITS,
+    "metrics": METRICS,
+    "experts": EXPERTS,
+    "stats": STATS,
+}
+
+# Timestamp columns filled with the write time when a row leaves them out.
+WRITE_TIME_COLUMNS: dict[str, str] = {
+    "requests": "ingested_at",
+    "rejects": "rejected_at",
+    "runs": "updated_at",
+    "model_versions": "created_at",
+    "edits": "applied_at",
+    "metrics": "recorded_at",
+    "experts": "created_at",
+    "stats": "created_at",
+}
+
+
+# Values for columns a row may leave out (besides the write time).
+COLUMN_DEFAULTS: dict[str, dict[str, object]] = {
+    "requests": {"paraphrase_prompts": [], "neighborhood": [], "generation_prompts": [], "extra": "{}"},
+    "runs": {"params": "{}"},
+    "model_versions": {"delta_keys": []},
+    "experts": {"removed": False},
+}
+
+
+def schema_for(table: str) -> pa.Schema:
+    """The schema of `table`; a clear error for an unknown name."""
+    try:
+        return SCHEMAS[table]
+    except KeyError:
+        raise KeyError(f"unknown table {table!r}; tables: {', '.join(SCHEMAS)}") from None
