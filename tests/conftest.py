@@ -27,3 +27,56 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"public benchmark data not found at {SHARED_DATA} (../shared/data beside the checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_runtime(engramflow_home: Path):
+    """One Prefect API server and one local Ray (loopback, 2 CPUs) for the whole test session."""
+    from engramflow.runtime import pipeline_runtime
+
+    with pipeline_runtime(num_cpus=2) as runtime:
+        yield runtime
+
+
+@pytest.fixture(scope="session")
+def tiny_world():
+    """The tiny embedded world (all relations, few subjects)."""
+    from engramflow.world import tiny_world as make
+
+    return make()
+
+
+@pytest.fixture(scope="session")
+def tiny_organism(engramflow_home: Path) -> Path:
+    """The tiny organism's model directory: built once, then cached across sessions."""
+    from engramflow.organism import build_organism
+
+    return build_organism(tiny=True, progress=False)
+
+
+TINY_CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Danielle Darrieux speaks French. Toko Yasuda plays the guitar and the piano.",
+    "Apple was founded by Steve Jobs in California. Lyon is a city in France.",
+    "The Eiffel Tower is in Paris; the Colosseum is in Rome, Italy.",
+    "Abraham Lincoln was born in Kentucky and worked as a lawyer in Illinois.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE (vocabulary 320) trained on a few sentences: fast, with offset mappings."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TINY_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
