@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -20,12 +19,17 @@ app = typer.Typer(
 
 # One module per command group, registered in this order in `--help`.
 COMMANDS: list[str] = [
+    "ingest",
+    "sql",
+    "organism",
+    "run",
+    "report",
 ]
 
 
 @app.callback()
 def main(
-    home_dir: Optional[Path] = typer.Option(
+    home_dir: Path | None = typer.Option(
         None, "--home", envvar="ENGRAMFLOW_HOME", help="Directory for all artifacts and state."
     ),
 ) -> None:

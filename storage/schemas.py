@@ -130,6 +130,21 @@ STATS = pa.schema([
     _f("created_at", UTC_TS),
 ])
 
+# Causal-tracing indirect effects of one locate run (`trace_id`) per request x kind x layer x token.
+TRACES = pa.schema([
+    _f("trace_id", pa.string()),
+    _f("base_model", pa.string()),
+    _f("request_id", pa.string()),
+    _f("kind", pa.string()),  # hidden | mlp | attn
+    _f("layer", pa.int32()),
+    _f("position", pa.int32()),
+    _f("token", pa.string()),
+    _f("role", pa.string()),  # subject_first / subject_last / last / ...
+    _f("prob", pa.float64()),
+    _f("effect", pa.float64()),
+    _f("recorded_at", UTC_TS),
+])
+
 SCHEMAS: dict[str, pa.Schema] = {
     "requests": REQUESTS,
     "rejects": REJECTS,
@@ -139,6 +154,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "metrics": METRICS,
     "experts": EXPERTS,
     "stats": STATS,
+    "traces": TRACES,
 }
 
 # Timestamp columns filled with the write time when a row leaves them out.
@@ -151,6 +167,7 @@ WRITE_TIME_COLUMNS: dict[str, str] = {
     "metrics": "recorded_at",
     "experts": "created_at",
     "stats": "created_at",
+    "traces": "recorded_at",
 }
 
 

@@ -1,0 +1,80 @@
+"""Evaluation stage: score one model version and append its `metrics` rows in one write.
+
+After batch `step` of a run: CounterFact ES/PS/NS/EM/PM/NM of every edit made so far (retention),
+top-1 accuracy of a fixed set of unrelated probe facts, perplexity on held-out text, generation
+entropy, and the growth of each edited matrix relative to the unedited one. A version whose rows
+are already recorded is not evaluated again (a resumed flow continues its metrics, never doubles them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.compute as pc
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from engramflow.ledger import Version, fetch_requests, load_delta, materialize
+from storage import Store
+from tasks.stats import corpus_texts
+
+PERPLEXITY_TEXTS = 200  # held-out lines of the corpus for perplexity
+GENERATION_REQUESTS = 10  # edited requests whose generation prompts measure fluency
+
+
+def is_evaluated(store: Store, run_id: str, version_id: str) -> bool:
+    rows = store.read("metrics", columns=["run_id", "model_version"],
+                      filter=(pc.field("run_id") == run_id) & (pc.field("model_version") == version_id))
+    return rows.num_rows > 0
+
+
+def edited_layers(store: Store, version: Version) -> list[int]:
+    return sorted({layer for key in version.delta_keys for layer in load_delta(store, key).layers})
+
+
+def score_version(model: Any, tok: Any, base_model: Any, edited: list[dict[str, Any]],
+                  probes: list[dict[str, Any]], layers: list[int], ppl_texts: list[str]) -> list[dict[str, Any]]:
+    """Metric rows (request_id, protocol, metric, value) of `model` against its unedited `base_model`."""
+    from editors import metrics
+    from editors.adapters import adapter_for
+
+    rows = metrics.counterfact_metrics(model, tok, edited) if edited else []
+    with_generation = [r for r in edited[:GENERATION_REQUESTS] if r.get("generation_prompts")]
+    if with_generation:
+        ge = metrics.generation_entropy_metrics(model, tok, with_generation, max_new_tokens=20)
+        rows.append({"request_id": None, "protocol": "model", "metric": "ge",
+                     "value": sum(r["value"] for r in ge) / len(ge)})
+    scores = metrics.score_targets(model, tok, [(metrics.fill_prompt(p), p["target_true"]) for p in probes])
+    rows += [{"request_id": p["request_id"], "protocol": "probe", "metric": "top1",
+              "value": float(s.predicted[0] == s.target[0])} for p, s in zip(probes, scores, strict=True)]
+    rows.append({"request_id": None, "protocol": "model", "metric": "perplexity",
+                 "value": metrics.perplexity(model, tok, ppl_texts)})
+    if layers:
+        adapter = adapter_for(base_model)
+        originals = {layer: adapter.down_weight(base_model, layer).detach() for layer in layers}
+        for r in metrics.weight_norm_metrics(model, originals):
+            name = "rel_norm" if r["metric"] == "delta_rel" else r["metric"]
+            rows.append({"request_id": None, "protocol": "model", "metric": f"{name}.L{r['layer']}",
+                         "value": r["value"]})
+    return rows
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_version(run_id: str, version: Version, step: int, edited_ids: list[str], probe_ids: list[str],
+                     device: str = "cpu", corpus: str = "world") -> int:
+    """Evaluate `version` after batch `step`; returns the number of metric rows written (0 if the
+    version was evaluated before)."""
+    store = Store()
+    if is_evaluated(store, run_id, version.version_id):
+        return 0
+    model, tok = materialize(store, version, device=device)
+    layers = edited_layers(store, version)
+    base_model = materialize(store, Version(version.base_model, version.base_model, ()), device=device)[0] \
+        if layers else model
+    texts = corpus_texts(corpus)[-PERPLEXITY_TEXTS:]
+    rows = score_version(model, tok, base_model, fetch_requests(store, edited_ids),
+                         fetch_requests(store, probe_ids), layers, texts)
+    for row in rows:
+        row.update(run_id=run_id, model_version=version.version_id, step=step)
+    store.append("metrics", rows)
+    return len(rows)

@@ -1,0 +1,137 @@
+"""End-to-end flows on the tiny organism through Prefect + Ray, queried with DuckDB, and the
+resume-after-SIGKILL ledger."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engramflow.ledger import committed_batches
+from flows.sequential import RunConfig, edit_flow, sequential_flow
+from storage import Store
+from storage.queries import degradation, drift, history
+
+TINY = dict(model="organism-tiny", dataset="world-tiny", format="world", corpus="world-tiny",
+            stats_tokens=20_000, n_probes=30)
+
+
+def _run(flow, cfg: RunConfig) -> str:
+    from engramflow.runtime import task_runner
+
+    return flow.with_options(task_runner=task_runner())(cfg)
+
+
+@pytest.fixture(scope="module")
+def sequential_run(ray_runtime, tiny_organism) -> tuple[Store, str, RunConfig]:
+    cfg = RunConfig(algorithm="memit", n=12, batch_size=4, **TINY)
+    return Store(), _run(sequential_flow, cfg), cfg
+
+
+def test_sequential_flow_records_every_batch_once(sequential_run):
+    store, run_id, cfg = sequential_run
+    assert sorted(committed_batches(store, run_id)) == [0, 1, 2]
+    con = store.connect()
+    n_edits, n_distinct = con.execute(
+        f"select count(*), count(distinct request_id) from edits where run_id = '{run_id}'").fetchone()
+    assert n_edits == n_distinct == cfg.n
+    # the versions form a chain: each batch's version_before is the previous batch's version_after
+    chain = con.execute(f"select distinct batch_index, version_before, version_after from edits "
+                    f"where run_id = '{run_id}' order by batch_index").fetchall()
+    for (_, _, after), (_, before, _) in zip(chain, chain[1:], strict=False):
+        assert before == after
+    status = con.execute(f"select status from runs_latest where run_id = '{run_id}'").fetchone()[0]
+    assert status == "completed"
+
+
+def test_sequential_flow_edits_take_and_retention_is_measured(sequential_run):
+    store, run_id, _ = sequential_run
+    rows = degradation(store, run_id).to_pylist()
+    steps = sorted({r["step"] for r in rows})
+    assert steps == [0, 1, 2]
+    es = {r["step"]: r for r in rows if r["metric"] == "es"}
+    # after every batch, all edits so far are evaluated (retention), and the edits took
+    assert [es[s]["n"] for s in steps] == [4, 8, 12]
+    assert es[2]["value"] >= 0.75
+    probe = {r["step"]: r["value"] for r in drift(store, run_id).to_pylist() if r["metric"] == "probe_top1"}
+    assert set(probe) == {-1, 0, 1, 2}  # -1 = the unedited model
+
+
+def test_history_finds_an_edited_subject(sequential_run):
+    store, run_id, _ = sequential_run
+    subject = store.connect().execute(
+        f"select r.subject from edits e join requests r using (request_id) where e.run_id = '{run_id}' limit 1"
+    ).fetchone()[0]
+    rows = history(store, subject).to_pylist()
+    assert any(r["run_id"] == run_id and r["es_latest"] is not None for r in rows)
+
+
+def test_edit_flow_single_batch_with_located_layer(ray_runtime, tiny_organism):
+    store = Store()
+    cfg = RunConfig(algorithm="rome", n=1, layers="auto", **TINY)
+    run_id = _run(edit_flow, cfg)
+    assert list(committed_batches(store, run_id)) == [0]
+    layers = store.connect().execute(f"select layers from edits where run_id = '{run_id}'").fetchone()[0]
+    traced = store.connect().execute("select count(*) from traces").fetchone()[0]
+    assert traced > 0 and len(layers) == 1
+
+
+def _ledger(store: Store, run_id: str) -> tuple[int, int, int]:
+    con = store.connect()
+    edits, distinct = con.execute(f"select count(*), count(distinct edit_id) from edits where run_id = '{run_id}'").fetchone()
+    per_version = con.execute(f"select max(c) from (select model_version, count(distinct recorded_at) c from metrics "
+                          f"where run_id = '{run_id}' group by 1)").fetchone()[0]
+    return edits, distinct, per_version
+
+
+def test_resume_after_sigkill_applies_no_edit_twice_and_loses_none(tiny_organism, tmp_path):
+    """Kill the whole process group of a running `engramflow run sequential` once its first batch
+    is committed, run the same command again, and check the ledger."""
+    home = tmp_path / "home"
+    env = {**os.environ, "ENGRAMFLOW_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)  # the subprocess starts its own runtime
+    cmd = [sys.executable, "-m", "engramflow", "run", "sequential", "-a", "memit", "--n", "12",
+           "--batch-size", "3", "--model", "organism-tiny", "--dataset", "world-tiny", "--corpus", "world-tiny",
+           "--n-probes", "20"]
+    store = Store(str(home / "store"))
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        run_ids: set[str] = set()
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            if store.parts("model_versions"):
+                run_ids = {r for r in store.read("model_versions").column("run_id").to_pylist() if r}
+                if run_ids and committed_batches(store, next(iter(run_ids))):
+                    break
+        assert proc.poll() is None, "the run finished before it could be killed:\n" + proc.stdout.read().decode()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    (run_id,) = run_ids
+    done_before = committed_batches(store, run_id)
+    assert 0 < len(done_before) < 4
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, start_new_session=True)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    done_after = committed_batches(store, run_id)
+    assert sorted(done_after) == [0, 1, 2, 3]
+    assert all(done_after[i] == v for i, v in done_before.items())  # committed versions kept as they were
+    edits, distinct, evaluations_per_version = _ledger(store, run_id)
+    assert edits == distinct == 12  # no edit applied twice, none lost
+    assert evaluations_per_version == 1  # metrics continued, never doubled
+    versions = store.read("model_versions").to_pylist()
+    assert len([v for v in versions if v["run_id"] == run_id]) == 4
+
+
+def test_infeasible_gpu_request_fails_fast(ray_runtime, tiny_organism):
+    """On a GPU-less Ray, a run asking for CUDA fails with a clear error instead of hanging."""
+    with pytest.raises(Exception, match="(?i)gpu|unschedulable|infeasible"):
+        _run(sequential_flow, RunConfig(algorithm="memit", n=2, batch_size=2, device="cuda", **TINY))
+
