@@ -1,0 +1,262 @@
+"""SCEN bench: storage and training time per expert (compact vs full), inference latency against the
+unedited model with 10, 100 and 1,000 experts, and (`--edits N`) the quality of N sequential edits.
+
+    python bench/scen.py --model organism --layer 2 --edits 200
+
+Quality is teacher-forced top-1 of every target token (`editors.scen.target_correct`, the zsRE
+protocol), routing read at the last prompt token as `generate` would: reliability on the edit
+prompts, generality on the paraphrases, locality = share of neighbourhood / unedited-fact prompts
+whose next-token argmax is the unedited model's, routing accuracy = right expert (edit prompts and
+paraphrases) or none (neighbourhood and unedited facts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from editors.adapters import adapter_for
+from editors.scen import (
+    Expert,
+    ExpertBank,
+    ScenConfig,
+    add_requests,
+    attach,
+    detach,
+    expert_applied,
+    fill_prompt,
+    request_id,
+    route,
+    target_correct,
+    train_expert,
+)
+from engramflow import home
+
+console = Console(width=150)
+MB = 1024 * 1024
+
+
+def _requests(n: int, world: str) -> list[dict[str, Any]]:
+    """The first n requests of the embedded world (`world`), the tiny world (`world-tiny`) or an export."""
+    from engramflow.ingest import load_requests
+
+    if world == "world-tiny":
+        from engramflow.world import tiny_world
+
+        world = str(tiny_world().write_counterfact(home.get_home() / "world-tiny.json"))
+    requests, _rejects = load_requests(world, "world")
+    return requests[:n]
+
+
+@torch.no_grad()
+def next_token(model: nn.Module, tok: Any, prompt: str) -> int:
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+    return int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+
+
+def _share(flags: Sequence[bool]) -> float:
+    return sum(flags) / len(flags) if flags else float("nan")
+
+
+# --- 1. storage, training time and expert quality -------------------------------------------------
+def bench_experts(model: nn.Module, tok: Any, requests: list[dict], layer: int, config: ScenConfig) -> list[Expert]:
+    """Train each request's expert as LoRA, full matrix and full-then-SVD; quality with oracle routing
+    (the expert applied to its own prompt and paraphrases unconditionally)."""
+    adapter = adapter_for(model)
+    d_model, d_mlp = adapter.d_model(model), adapter.d_mlp(model)
+    table = Table(title=f"Experts on layer {layer} ({len(requests)} requests, oracle routing)")
+    for col in ("kind", "bytes / expert", "vs full", "train s / expert", "steps", "reliability", "generality"):
+        table.add_column(col, justify="right")
+    full_bytes = 4 * d_model * d_mlp
+    lora: list[Expert] = []
+    for kind in ("lora", "full", "svd"):
+        cfg = replace(config, expert_kind=kind)
+        experts = [train_expert(model, tok, r, layer, cfg) for r in requests]
+        rel, gen = [], []
+        for r, e in zip(requests, experts, strict=True):
+            delta = e.delta().float()
+            with expert_applied(model, layer, lambda h, d=delta: h.float() @ d.T):
+                rel.append(target_correct(model, tok, fill_prompt(r), r["target_new"]))
+                gen += [target_correct(model, tok, fill_prompt(r, p), r["target_new"]) for p in r["paraphrase_prompts"]]
+        nbytes = statistics.mean(e.nbytes() for e in experts)
+        label = kind if kind == "full" else f"{kind} r={cfg.rank}"
+        table.add_row(label, f"{nbytes:,.0f}", f"{nbytes / full_bytes:.4f}",
+                      f"{statistics.mean(e.seconds for e in experts):.3f}",
+                      f"{statistics.mean(e.steps for e in experts):.1f}", f"{_share(rel):.3f}", f"{_share(gen):.3f}")
+        if kind == "lora":
+            lora = experts
+    console.print(table)
+    r = config.rank
+    console.print(f"Llama-2-7B down_proj (4096 x 11008, fp16): full {2 * 4096 * 11008 / MB:.1f} MiB, "
+                  f"rank {r} {2 * r * (4096 + 11008) / 1024:.1f} KiB + neuron {2 * 11009 / 1024:.1f} KiB per expert")
+    return lora
+
+
+# --- 2. inference latency ---------------------------------------------------------------------------
+def _tiled(bank: ExpertBank, n: int) -> ExpertBank:
+    """A bank of n experts made by repeating the trained ones (real shapes and routing, for timing)."""
+    reps = -(-n // len(bank))
+    tiled = ExpertBank(bank.layer, bank.d_model, bank.d_mlp, bank.config)
+    tiled.ids = [f"{rid}#{k}" for k in range(reps) for rid in bank.ids][:n]
+    for name in ("a", "b", "neuron_w", "neuron_b"):
+        setattr(tiled, name, getattr(bank, name).repeat(reps, *([1] * (getattr(bank, name).dim() - 1)))[:n])
+    return tiled
+
+
+def _time_ms(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return 1000 * (time.perf_counter() - start)
+
+
+def bench_latency(model: nn.Module, tok: Any, bank: ExpertBank, edited: str, unrelated: str, repeats: int) -> None:
+    """Every setting is timed once per round, round after round, and the best of `repeats` rounds is
+    kept: on a shared CPU that spreads other load evenly over the settings."""
+    table = Table(title="Inference latency (batch 1, best-of ms; generate = prefill + 8 greedy tokens with KV cache)")
+    for col in ("experts", "forward, routed", "forward, unrouted", "generate, routed", "generate, unrouted"):
+        table.add_column(col, justify="right")
+    settings: dict[str, ExpertBank | None] = {"unedited": None, **{str(n): _tiled(bank, n) for n in (10, 100, 1000)}}
+    calls: list[Callable[[], object]] = []
+    for prompt in (edited, unrelated):
+        ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+        calls.append(lambda ids=ids: model(input_ids=ids, use_cache=False))
+        calls.append(lambda ids=ids: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                                                    do_sample=False, pad_token_id=tok.pad_token_id))
+    best = {name: [float("inf")] * len(calls) for name in settings}
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first round warms up and counts like the others
+            for name, tiled in settings.items():
+                if tiled is not None:
+                    attach(model, bank.layer, tiled)
+                try:
+                    best[name] = [min(b, _time_ms(call)) for b, call in zip(best[name], calls, strict=True)]
+                finally:
+                    detach(model)
+    for name, (fwd_r, gen_r, fwd_u, gen_u) in best.items():
+        table.add_row(name, *(f"{t:.2f}" for t in (fwd_r, fwd_u, gen_r, gen_u)))
+    console.print(table)
+
+
+# --- 3. sequential edits ------------------------------------------------------------------------------
+def evaluate(model: nn.Module, tok: Any, bank: ExpertBank, requests: list[dict], unrelated: list[dict],
+             base_next: dict[str, int], paraphrase_slice: slice, neighbours: int) -> dict[str, float]:
+    """Reliability, generality, locality and routing accuracy of `bank` attached to `model`."""
+    # A neighbourhood prompt may be another edited fact's own prompt (CounterFact neighbours are facts of
+    # the same relation and object): it is then expected to move, and is left out of locality.
+    edited = {fill_prompt(r) for r in requests}
+    attach(model, bank.layer, bank)
+    try:
+        rel, gen, loc, right = [], [], [], []
+        for r in requests:
+            rid = request_id(r)
+            prompt = fill_prompt(r)
+            paraphrases = [fill_prompt(r, p) for p in r["paraphrase_prompts"][paraphrase_slice]]
+            rel.append(target_correct(model, tok, prompt, r["target_new"]))
+            gen += [target_correct(model, tok, p, r["target_new"]) for p in paraphrases]
+            right += [got == rid for got in route(model, tok, [prompt, *paraphrases])]
+            others = [n["prompt"] for n in r["neighborhood"][:neighbours] if n["prompt"] not in edited]
+            loc += [next_token(model, tok, p) == base_next[p] for p in others]
+            right += [got is None for got in route(model, tok, others)]
+        for r in unrelated:
+            prompt = fill_prompt(r)
+            loc.append(next_token(model, tok, prompt) == base_next[prompt])
+            right += [got is None for got in route(model, tok, [prompt])]
+    finally:
+        detach(model)
+    return {"reliability": _share(rel), "generality": _share(gen), "locality": _share(loc), "routing": _share(right)}
+
+
+def bench_quality(model: nn.Module, tok: Any, requests: list[dict], unrelated: list[dict], layer: int,
+                  config: ScenConfig, batch: int, neighbours: int) -> None:
+    """Train every expert once, then add them in batches under several neuron settings (neurons only
+    differ between rows, so the experts are shared)."""
+    start = time.perf_counter()
+    experts = [train_expert(model, tok, r, layer, config) for r in requests]
+    console.print(f"{len(experts)} experts trained in {time.perf_counter() - start:.1f} s")
+    base_next = {}
+    for r in requests:
+        for n in r["neighborhood"][:neighbours]:
+            base_next[n["prompt"]] = next_token(model, tok, n["prompt"])
+    for r in unrelated:
+        base_next[fill_prompt(r)] = next_token(model, tok, fill_prompt(r))
+    variants = {
+        "default (margin loss, matched init, contrasts)": config,
+        "+ recalibration of old neurons (20 steps)": replace(config, recalibrate_steps=20),
+        "reference loss, zero init": replace(config, neuron_loss="reference", neuron_init="zero"),
+        "reference loss, matched init": replace(config, neuron_loss="reference"),
+        "margin loss, zero init": replace(config, neuron_init="zero"),
+        "no contrast prompts": replace(config, neuron_contrasts=0),
+        "+1 paraphrase as positive (gen. on the other)": replace(config, neuron_paraphrases=1),
+    }
+    table = Table(title=f"{len(requests)} sequential edits in batches of {batch}, layer {layer} "
+                        f"(+{len(unrelated)} unedited facts)")
+    for col in ("neurons", "reliability", "generality", "gen. held-out para.", "locality", "routing acc.",
+                "old neurons firing / recal.", "neuron s"):
+        table.add_column(col, justify="right")
+    for name, cfg in variants.items():
+        bank = ExpertBank.for_model(model, layer, cfg)
+        fired = recal = 0
+        seconds = 0.0
+        for i in range(0, len(requests), batch):
+            report = add_requests(model, tok, bank, requests[i:i + batch], experts[i:i + batch])
+            fired += len(report.old_firing)
+            recal += len(report.recalibrated)
+            seconds += report.seconds_neurons
+        m = evaluate(model, tok, bank, requests, unrelated, base_next, slice(None), neighbours)
+        held = evaluate(model, tok, bank, requests, [], base_next, slice(1, 2), 0)["generality"]
+        table.add_row(name, f"{m['reliability']:.3f}", f"{m['generality']:.3f}", f"{held:.3f}",
+                      f"{m['locality']:.3f}", f"{m['routing']:.3f}", f"{fired} / {recal}", f"{seconds:.1f}")
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="organism", help="organism, organism-tiny or a model directory")
+    parser.add_argument("--world", default="world", help="world, world-tiny or a CounterFact export of a world")
+    parser.add_argument("--layer", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=ScenConfig.rank)
+    parser.add_argument("--experts", type=int, default=20, help="requests for the storage/time/latency part")
+    parser.add_argument("--edits", type=int, default=0, help="sequential edits for the quality part (0: skip)")
+    parser.add_argument("--unrelated", type=int, default=100, help="unedited facts checked for locality")
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--neighbours", type=int, default=3, help="neighbourhood prompts checked per edit")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    home.quiet_env()
+    from engramflow.organism import load_model
+
+    model, tok = load_model(args.model)
+    config = ScenConfig(rank=args.rank)
+    console.print(f"model {args.model}: {adapter_for(model).model_type}, {adapter_for(model).n_layers(model)} layers, "
+                  f"d_model {adapter_for(model).d_model(model)}, d_mlp {adapter_for(model).d_mlp(model)}; "
+                  f"torch threads {torch.get_num_threads()}")
+    requests = _requests(args.experts + max(args.edits, 0) + args.unrelated, args.world)
+    experts = bench_experts(model, tok, requests[: args.experts], args.layer, config)
+    bank = ExpertBank.for_model(model, args.layer, config)
+    add_requests(model, tok, bank, requests[: args.experts], experts)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bank.safetensors"
+        bank.save(path)
+        console.print(f"bank file: {path.stat().st_size / len(bank):,.0f} bytes per expert, of which factors + neuron "
+                      f"{bank.expert_nbytes():,} and edit keys {len(bank.keys) / len(bank):.1f} rows of d_mlp "
+                      "(the negatives of later neurons)")
+    bench_latency(model, tok, bank, fill_prompt(requests[0]), fill_prompt(requests[-1]), args.repeats)
+    if args.edits:
+        edits = requests[: args.edits]
+        unrelated = requests[args.edits : args.edits + args.unrelated]
+        bench_quality(model, tok, edits, unrelated, args.layer, config, args.batch, args.neighbours)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""SCEN: routing, continual addition, save/load, removal and generation, on tiny random models."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from editors.adapters import adapter_for
+from editors.scen import (
+    ExpertBank,
+    ScenConfig,
+    ScenLayer,
+    add_requests,
+    attach,
+    detach,
+    fill_prompt,
+    request_id,
+    route,
+    target_correct,
+    train_expert,
+)
+
+SUBJECTS = ["Alva Brennick", "Doran Kest", "Mirela Vost", "Tobin Harrow", "Selka Drun", "Orrin Pell"]
+CITIES = ["Zarnow", "Kelmet", "Vossa", "Ildar", "Brenhollow", "Quessel"]
+# The subject ends every prompt: in a random (untrained) model only the last token's own embedding
+# tells prompts apart at the last position, and these tests check mechanics, not what a trained
+# model's attention carries there.
+TEMPLATES = ["The hometown of {}", "The birthplace of {}", "The city that raised {}"]
+UNRELATED = ["The river flows past the old mill", "Seven bells rang over Vossa at noon"]
+
+
+def _requests() -> list[dict]:
+    return [
+        {"prompt": TEMPLATES[0], "subject": s, "target_new": CITIES[(i + 1) % len(CITIES)],
+         "target_true": CITIES[i], "paraphrase_prompts": [t.format(s) for t in TEMPLATES[1:]]}
+        for i, s in enumerate(SUBJECTS)
+    ]
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    words = {w for t in TEMPLATES + UNRELATED + SUBJECTS + CITIES for w in t.replace("{}", "").split()}
+    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(sorted(words))}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<unk>")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Models this small run fastest on one thread; on a shared CPU extra threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok() -> PreTrainedTokenizerFast:
+    return _tokenizer()
+
+
+def _gpt2(vocab: int) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=2, n_inner=128,
+                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2(tok: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
+    return _gpt2(len(tok))
+
+
+CONFIG = ScenConfig(rank=2, expert_lr=5e-2, expert_steps=40, neuron_steps=100, recalibrate_steps=5)
+
+
+@pytest.fixture(scope="module")
+def bank(gpt2: GPT2LMHeadModel, tok: PreTrainedTokenizerFast) -> ExpertBank:
+    bank = ExpertBank.for_model(gpt2, 1, CONFIG)
+    add_requests(gpt2, tok, bank, _requests()[:4])
+    return bank
+
+
+def test_expert_training_leaves_the_model_untouched(gpt2, tok):
+    before = {k: v.clone() for k, v in gpt2.state_dict().items()}
+    expert = train_expert(gpt2, tok, _requests()[0], 1, CONFIG)
+    assert expert.a is not None and expert.a.shape == (2, 128) and expert.b.shape == (32, 2)
+    assert all(torch.equal(before[k], v) for k, v in gpt2.state_dict().items())
+    assert all(p.grad is None for p in gpt2.parameters())
+    # The expert alone flips the fact (tested without routing: applied to every prompt).
+    r = _requests()[0]
+    assert not target_correct(gpt2, tok, fill_prompt(r), r["target_new"])
+    from editors.scen import expert_applied
+
+    with expert_applied(gpt2, 1, lambda h: (h.float() @ expert.a.T) @ expert.b.T):
+        assert target_correct(gpt2, tok, fill_prompt(r), r["target_new"])
+
+
+def test_own_prompt_routes_to_own_expert_and_unrelated_to_none(gpt2, tok, bank):
+    attach(gpt2, 1, bank)
+    try:
+        reqs = _requests()[:4]
+        assert route(gpt2, tok, [fill_prompt(r) for r in reqs]) == [request_id(r) for r in reqs]
+        assert route(gpt2, tok, UNRELATED) == [None, None]
+        for r in reqs:
+            assert target_correct(gpt2, tok, fill_prompt(r), r["target_new"])
+    finally:
+        detach(gpt2)
+    assert not isinstance(adapter_for(gpt2).mlp_out_module(gpt2, 1), ScenLayer)
+
+
+def test_routing_is_kept_through_generate_with_kv_cache_and_per_row(gpt2, tok, bank):
+    reqs = _requests()[:2]
+    prompts = [fill_prompt(reqs[0]), UNRELATED[0], fill_prompt(reqs[1])]
+    enc = [tok.encode(p) for p in prompts]
+    width = max(map(len, enc))
+    # Left padding, as decoder-only generation expects; the mask tells the layer where each row ends.
+    ids = torch.tensor([[0] * (width - len(e)) + e for e in enc])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+    layer = attach(gpt2, 1, bank)
+    try:
+        out = gpt2.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert [bank.ids[i] if i >= 0 else None for i in layer.routes.tolist()] == [
+            request_id(reqs[0]), None, request_id(reqs[1])]
+        # Without a KV cache generate re-reads the whole sequence each step; the routing must hold too.
+        uncached = gpt2.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                 pad_token_id=0, use_cache=False)
+        assert torch.equal(uncached, out)
+        first = out[:, width]
+        assert tok.decode([int(first[0])]) == reqs[0]["target_new"]
+        assert tok.decode([int(first[2])]) == reqs[1]["target_new"]
+    finally:
+        detach(gpt2)
+    base = gpt2.generate(input_ids=ids[1:2, width - len(enc[1]):], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[1, width:], base[0, len(enc[1]):])  # the unrouted row is the base model's
+
+
+def test_continual_addition_leaves_old_experts_bit_identical(gpt2, tok, bank):
+    a, b, ids = bank.a.clone(), bank.b.clone(), list(bank.ids)
+    grown = bank.copy()
+    report = add_requests(gpt2, tok, grown, _requests()[4:])
+    assert grown.ids[:4] == ids and len(grown) == 6
+    assert torch.equal(grown.a[:4], a) and torch.equal(grown.b[:4], b)
+    assert set(report.recalibrated) <= set(ids)
+    attach(gpt2, 1, grown)
+    try:
+        reqs = _requests()
+        assert route(gpt2, tok, [fill_prompt(r) for r in reqs]) == [request_id(r) for r in reqs]
+        assert route(gpt2, tok, UNRELATED) == [None, None]
+    finally:
+        detach(gpt2)
+
+
+def test_save_load_round_trip_gives_identical_routing_and_outputs(gpt2, tok, bank, tmp_path: Path):
+    path = tmp_path / "bank.safetensors"
+    bank.save(path)
+    loaded = ExpertBank.load(path)
+    assert loaded.ids == bank.ids and loaded.config == bank.config and loaded.facts == bank.facts
+    assert loaded.key_question == bank.key_question and torch.equal(loaded.keys, bank.keys)
+    prompts = [fill_prompt(r) for r in _requests()] + UNRELATED
+    outputs = []
+    for b in (bank, loaded):
+        attach(gpt2, 1, b)
+        try:
+            routes = route(gpt2, tok, prompts)
+            logits = [gpt2(input_ids=torch.tensor([tok.encode(p)])).logits for p in prompts]
+        finally:
+            detach(gpt2)
+        outputs.append((routes, logits))
+    assert outputs[0][0] == outputs[1][0]
+    assert all(torch.equal(x, y) for x, y in zip(outputs[0][1], outputs[1][1], strict=True))
+    # ...and into a second, separately built model of the same architecture and weights.
+    other = _gpt2(len(tok))
+    other.load_state_dict(gpt2.state_dict())
+    attach(other, 1, loaded)
+    try:
+        assert route(other, tok, prompts) == outputs[0][0]
+    finally:
+        detach(other)
+
+
+def test_removal_restores_base_behaviour_for_that_fact(gpt2, tok, bank):
+    r = _requests()[1]
+    prompt = fill_prompt(r)
+    ids = torch.tensor([tok.encode(prompt)])
+    base = gpt2(input_ids=ids).logits
+    smaller = bank.copy()
+    smaller.remove(request_id(r))
+    assert request_id(r) not in smaller.ids and len(smaller) == 3
+    attach(gpt2, 1, smaller)
+    try:
+        assert route(gpt2, tok, [prompt]) == [None]
+        assert torch.equal(gpt2(input_ids=ids).logits, base)
+        others = [x for i, x in enumerate(_requests()[:4]) if i != 1]
+        assert route(gpt2, tok, [fill_prompt(x) for x in others]) == [request_id(x) for x in others]
+    finally:
+        detach(gpt2)
+    with pytest.raises(KeyError, match=request_id(r)):
+        smaller.remove(request_id(r))
+
+
+def test_works_on_a_tiny_llama(tok):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    bank = ExpertBank.for_model(model, 0, CONFIG)
+    add_requests(model, tok, bank, _requests()[:3])
+    assert bank.a.shape == (3, 2, 96) and bank.b.shape == (3, 32, 2) and bank.neuron_w.shape == (3, 96)
+    attach(model, 0, bank)
+    try:
+        reqs = _requests()[:3]
+        assert route(model, tok, [fill_prompt(r) for r in reqs]) == [request_id(r) for r in reqs]
+        out = model.generate(input_ids=torch.tensor([tok.encode(fill_prompt(reqs[0]))]), max_new_tokens=2,
+                             do_sample=False, pad_token_id=0)
+        assert out.shape == (1, len(tok.encode(fill_prompt(reqs[0]))) + 2)
+    finally:
+        detach(model)
+
+
+def test_attach_rejects_a_bank_of_another_layer_or_shape(gpt2, tok, bank):
+    with pytest.raises(ValueError, match="layer 1"):
+        attach(gpt2, 0, bank)
+    torch.manual_seed(0)
+    wider = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=32, n_layer=2, n_head=2, n_inner=64))
+    with pytest.raises(ValueError, match="d_mlp"):
+        attach(wider, 1, bank)
+
+
+def test_contrast_prompts_never_ask_an_edited_question():
+    from editors.scen.model import contrast_prompts
+
+    facts = [{"subject": "A", "template": "{} was born in", "relation": "P19"},
+             {"subject": "B", "template": "The hometown of {} is", "relation": "P19"},
+             {"subject": "C", "template": "{} speaks", "relation": "P37"},
+             {"subject": "A", "template": "{} is fluent in", "relation": "P37"}]
+    prompts = [p for p, _ in contrast_prompts(facts[0], facts[1:], 8, seed=0)]
+    # B and C in A's birthplace template: B's birthplace is itself an edit, so only C is a contrast;
+    # A's P37 question is edited too, so no other-relation template is left for A.
+    assert prompts == ["C was born in"]
