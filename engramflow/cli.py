@@ -23,6 +23,7 @@ COMMANDS: list[str] = [
     "sql",
     "organism",
     "run",
+    "demo",
     "report",
 ]
 

@@ -126,11 +126,12 @@ def read_json_list(path: str) -> Iterator[tuple[int, Raw]]:
 
 
 def read_world(path: str) -> Iterator[tuple[int, Raw]]:
-    """`world` = the embedded default world; any other path is a CounterFact-format export of one."""
-    if path == "world":
-        from engramflow.world import default_world
+    """`world` / `world-tiny` = an embedded world; any other path is a CounterFact-format export of one."""
+    from engramflow.world import named_world
 
-        yield from enumerate(default_world().counterfact_records())
+    world = named_world(path)
+    if world is not None:
+        yield from enumerate(world.counterfact_records())
     else:
         yield from read_json_list(path)
 
@@ -512,8 +513,8 @@ def normalise(partial: dict[str, Any], dataset: str, source: str, position: int)
 
 # ---- entry points -------------------------------------------------------------------------------
 def _source(path: str, fmt: str) -> str:
-    if fmt == "world" and path == "world":
-        return "world"
+    if fmt == "world" and path in ("world", "world-tiny"):
+        return path
     return str(path) if "://" in str(path) else os.path.abspath(path)
 
 

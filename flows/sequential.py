@@ -19,12 +19,12 @@ from prefect_ray.context import remote_options
 
 from engramflow.ledger import Version, ensure_base_version, fetch_requests, stable_id
 from engramflow.runtime import gpu_options
+from flows.stats import compute_stats
 from storage import Store
 from tasks.edit import edit_batch
 from tasks.evaluate import evaluate_version
 from tasks.ingest import ingest
 from tasks.locate import locate_layers
-from tasks.stats import stats_reduce, stats_shard
 
 # Algorithms whose solver needs the preserved keys' second moment.
 NEEDS_STATS = {"rome", "memit", "emmet", "alphaedit"}
@@ -133,15 +133,13 @@ def run_batches(flow_name: str, cfg: RunConfig, run_id: str | None = None) -> st
     corpus = cfg.corpus or "world"
     stats_keys = None
     if cfg.algorithm in NEEDS_STATS:
-        stat_layers = layers or _preset_layers(cfg, base)
-        with remote_options(**gpu):
-            shards = [stats_shard.submit(base, stat_layers, corpus, s, cfg.stats_shards, cfg.stats_tokens)
-                      for s in range(cfg.stats_shards)]
-            stats_keys = stats_reduce([f.result() for f in shards])
+        stats_keys = compute_stats(base, layers or _preset_layers(cfg, base), corpus, cfg.stats_shards,
+                                   cfg.stats_tokens, cfg.device)
 
     evaluations = []
     with remote_options(**gpu):
-        evaluations.append(evaluate_version.submit(run_id, base, -1, [], probe_ids, cfg.device, corpus))
+        # step -1: the unedited model on every request the run will edit, the probes and the rest
+        evaluations.append(evaluate_version.submit(run_id, base, -1, edit_ids, probe_ids, cfg.device, corpus))
         parent = base
         batches = [edit_ids[i: i + cfg.batch_size] for i in range(0, len(edit_ids), cfg.batch_size)]
         for index, batch in enumerate(batches):

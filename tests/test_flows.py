@@ -52,11 +52,11 @@ def test_sequential_flow_edits_take_and_retention_is_measured(sequential_run):
     store, run_id, _ = sequential_run
     rows = degradation(store, run_id).to_pylist()
     steps = sorted({r["step"] for r in rows})
-    assert steps == [0, 1, 2]
+    assert steps == [-1, 0, 1, 2]
     es = {r["step"]: r for r in rows if r["metric"] == "es"}
-    # after every batch, all edits so far are evaluated (retention), and the edits took
-    assert [es[s]["n"] for s in steps] == [4, 8, 12]
-    assert es[2]["value"] >= 0.75
+    # the unedited model is scored on all requests; after every batch, all edits so far (retention)
+    assert [es[s]["n"] for s in steps] == [12, 4, 8, 12]
+    assert es[-1]["value"] <= 0.25 and es[2]["value"] >= 0.75  # the edits took
     probe = {r["step"]: r["value"] for r in drift(store, run_id).to_pylist() if r["metric"] == "probe_top1"}
     assert set(probe) == {-1, 0, 1, 2}  # -1 = the unedited model
 
