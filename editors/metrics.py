@@ -21,10 +21,11 @@ Protocols never share metric names:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +98,19 @@ def _encode_pairs(tok: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[list
     return encoded
 
 
+@contextlib.contextmanager
+def _routing_at_prompt_end(model: nn.Module, last_prompt_token: list[int]) -> Iterator[None]:
+    """With a SCEN bank attached, route each row by its last prompt token, as generation would (the
+    teacher-forced sequence also holds the target, which must not choose the expert)."""
+    if getattr(model, "_scen", None) is None:
+        yield
+        return
+    from editors.scen import reading_at
+
+    with reading_at(model, last_prompt_token):
+        yield
+
+
 @torch.no_grad()
 def score_targets(
     model: nn.Module, tok: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 64
@@ -120,7 +134,8 @@ def score_targets(
             rows += [r] * (len(seq) - first)
             cols += range(first - 1, len(seq) - 1)  # logits at p-1 predict token p
             gold += seq[first:]
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        with _routing_at_prompt_end(model, [encoded[i][1] - 1 for i in chunk]):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         picked = logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)].float()
         gold_t = torch.tensor(gold, device=device)
         nll = -picked.log_softmax(-1).gather(1, gold_t[:, None])[:, 0]

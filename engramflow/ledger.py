@@ -45,6 +45,7 @@ class Version:
     delta_keys: tuple[str, ...]
     parent_version: str | None = None
     run_id: str | None = None
+    bank_key: str | None = None  # SCEN expert bank attached on top of the deltas
 
 
 def get_version(store: Store, version_id: str) -> Version:
@@ -54,7 +55,7 @@ def get_version(store: Store, version_id: str) -> Version:
         raise KeyError(f"model version {version_id!r} is not recorded in {store.root}")
     row = table.slice(table.num_rows - 1).to_pylist()[0]
     return Version(row["version_id"], row["base_model"], tuple(row["delta_keys"]),
-                   row["parent_version"], row["run_id"])
+                   row["parent_version"], row["run_id"], row["bank_key"])
 
 
 def ensure_base_version(store: Store, base_model: str) -> Version:
@@ -69,16 +70,18 @@ def ensure_base_version(store: Store, base_model: str) -> Version:
 
 
 def record_version(store: Store, version_id: str, parent: Version, delta_keys: list[str],
-                   run_id: str | None, note: str | None = None) -> Version:
-    """Append a version = `parent` + `delta_keys` (idempotent: an existing row is returned as is)."""
+                   run_id: str | None, note: str | None = None, bank_key: str | None = None) -> Version:
+    """Append a version = `parent` + `delta_keys` (+ an expert bank replacing the parent's, if given).
+    Idempotent: an existing row is returned as is."""
     try:
         return get_version(store, version_id)
     except KeyError:
         keys = [*parent.delta_keys, *delta_keys]
+        bank = bank_key or parent.bank_key
         store.append("model_versions", [{"version_id": version_id, "run_id": run_id,
                                          "parent_version": parent.version_id, "base_model": parent.base_model,
-                                         "delta_keys": keys, "note": note}])
-        return Version(version_id, parent.base_model, tuple(keys), parent.version_id, run_id)
+                                         "delta_keys": keys, "bank_key": bank, "note": note}])
+        return Version(version_id, parent.base_model, tuple(keys), parent.version_id, run_id, bank)
 
 
 def committed_batches(store: Store, run_id: str) -> dict[int, str]:
@@ -108,7 +111,8 @@ def load_delta(store: Store, key: str) -> Any:
 
 
 def materialize(store: Store, version: Version | str, device: str = "cpu") -> tuple[Any, Any]:
-    """Load the base model of `version` and apply its deltas in order: (model, tokenizer)."""
+    """Load the base model of `version`, apply its deltas in order and attach its expert bank:
+    (model, tokenizer)."""
     from editors.adapters import adapter_for
     from engramflow.organism import load_model
 
@@ -121,7 +125,18 @@ def materialize(store: Store, version: Version | str, device: str = "cpu") -> tu
         delta = load_delta(store, key)
         for layer in delta.layers:
             adapter.add_to_down_weight(model, layer, delta.matrix(layer))
+    if version.bank_key:
+        from editors import scen
+
+        bank = load_bank(store, version.bank_key)
+        scen.attach(model, bank.layer, bank)
     return model, tok
+
+
+def load_bank(store: Store, key: str) -> Any:
+    from editors.scen import ExpertBank
+
+    return ExpertBank.from_tensors(store.get_tensors(key), store.tensor_metadata(key), source=f"tensor {key}")
 
 
 def fetch_requests(store: Store, request_ids: list[str]) -> list[dict[str, Any]]:

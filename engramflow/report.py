@@ -21,7 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from engramflow.ledger import Version, get_version, stable_id
+from engramflow.ledger import Version, get_version, load_bank, stable_id
 from storage import Store
 from storage import queries as q
 
@@ -472,13 +472,42 @@ def revert_edit(store: Store, edit_id: str, run_id: str | None = None) -> Revert
         raise ValueError(f"edit {edit_id!r} has no delta recorded, so there is nothing to remove")
     run = run_id or edit["run_id"]
     parent = get_version(store, q.latest_version(store, run)["version_id"])
+    if edit["algorithm"] == "scen":
+        return _revert_expert(store, edit, run, parent)
     if key not in parent.delta_keys:
         raise ValueError(f"edit {edit_id!r}: its delta {key[:12]}… is not in {parent.version_id}, the newest version "
                          f"of run {run!r} (already reverted, or never part of that run)")
     keys = tuple(k for k in parent.delta_keys if k != key)
-    version = Version(stable_id("revert", parent.version_id, key), parent.base_model, keys, parent.version_id, run)
+    version = Version(stable_id("revert", parent.version_id, key), parent.base_model, keys, parent.version_id, run,
+                      parent.bank_key)
     store.append("model_versions", [{"version_id": version.version_id, "run_id": run,
                                      "parent_version": parent.version_id, "base_model": parent.base_model,
-                                     "delta_keys": list(keys), "note": f"revert of {edit_id}"}])
+                                     "delta_keys": list(keys), "bank_key": parent.bank_key,
+                                     "note": f"revert of {edit_id}"}])
     others = [e for e in q.delta_edits(store, key) if e["edit_id"] != edit_id]
     return Revert(version=version, parent=parent, edit=edit, removed_key=key, also_removed=others)
+
+
+def _revert_expert(store: Store, edit: dict[str, Any], run: str, parent: Version) -> Revert:
+    """SCEN's revert is exact and touches one fact: a version whose bank lacks that fact's expert and
+    neuron (every other expert and neuron is kept as it was)."""
+    if not parent.bank_key:
+        raise ValueError(f"edit {edit['edit_id']!r}: {parent.version_id}, the newest version of run {run!r}, has no "
+                         "expert bank")
+    bank = load_bank(store, parent.bank_key)
+    try:
+        bank.remove(edit["request_id"])
+    except KeyError:
+        raise ValueError(f"edit {edit['edit_id']!r}: its expert is not in the bank of {parent.version_id} "
+                         "(already reverted?)") from None
+    bank_key = store.put_tensors(*bank.to_tensors())
+    version = Version(stable_id("revert", parent.version_id, edit["edit_id"]), parent.base_model,
+                      parent.delta_keys, parent.version_id, run, bank_key)
+    store.append("model_versions", [{"version_id": version.version_id, "run_id": run,
+                                     "parent_version": parent.version_id, "base_model": parent.base_model,
+                                     "delta_keys": list(parent.delta_keys), "bank_key": bank_key,
+                                     "note": f"revert of {edit['edit_id']}"}])
+    store.append("experts", [{"expert_id": stable_id("expert", edit["run_id"], edit["request_id"]), "run_id": run,
+                              "request_id": edit["request_id"], "layer": bank.layer, "rank": bank.config.rank,
+                              "expert_key": parent.bank_key, "neuron_key": bank_key, "bytes": 0, "removed": True}])
+    return Revert(version=version, parent=parent, edit=edit, removed_key=parent.bank_key, also_removed=[])

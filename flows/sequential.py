@@ -17,12 +17,20 @@ from prefect import flow, get_run_logger
 from prefect.futures import wait
 from prefect_ray.context import remote_options
 
-from engramflow.ledger import Version, ensure_base_version, fetch_requests, stable_id
+from engramflow.ledger import (
+    Version,
+    committed_batches,
+    ensure_base_version,
+    fetch_requests,
+    get_version,
+    stable_id,
+)
 from engramflow.runtime import gpu_options
 from flows.stats import compute_stats
 from storage import Store
 from tasks.edit import edit_batch
 from tasks.evaluate import evaluate_version
+from tasks.experts import index_experts, train_experts
 from tasks.ingest import ingest
 from tasks.locate import locate_layers
 
@@ -100,6 +108,25 @@ def _resolve_layers(cfg: RunConfig, base: Version, sample: list[str]) -> list[in
     return [int(x) for x in cfg.layers.split(",")]
 
 
+def _scen_layer(cfg: RunConfig, base: Version, layers: list[int] | None) -> int:
+    """SCEN's layer: as located or given, else its default depth for this model."""
+    from transformers import AutoConfig
+
+    from editors.scen.config import default_layer
+
+    return layers[-1] if layers else default_layer(AutoConfig.from_pretrained(base.base_model).num_hidden_layers)
+
+
+def scen_batch(run_id: str, index: int, parent: Version, batch: list[str], layer: int, config: dict[str, Any],
+               workers: int) -> Version:
+    """One SCEN batch: experts in `workers` parallel chunks, then indexing (skipped when committed)."""
+    if index in committed_batches(Store(), run_id):
+        return get_version(Store(), committed_batches(Store(), run_id)[index])
+    chunks = [batch[i::workers] for i in range(workers) if batch[i::workers]]
+    keys = [f.result() for f in [train_experts.submit(parent, chunk, layer, config) for chunk in chunks]]
+    return index_experts.submit(run_id, index, parent, batch, keys, layer, config).result()
+
+
 def _preset_layers(cfg: RunConfig, base: Version) -> list[int]:
     """The layers the algorithm's preset edits for this model (read from its config alone)."""
     from transformers import AutoConfig
@@ -128,7 +155,10 @@ def run_batches(flow_name: str, cfg: RunConfig, run_id: str | None = None) -> st
         layers = _resolve_layers(cfg, base, edit_ids[: min(20, len(edit_ids))])
     hparams = dict(cfg.hparams)
     hparams.pop("window", None)
-    if layers is not None:
+    workers = int(hparams.pop("workers", 2))
+    if cfg.algorithm == "scen":
+        scen_layer = _scen_layer(cfg, base, layers)
+    elif layers is not None:
         hparams["layers"] = layers
     corpus = cfg.corpus or "world"
     stats_keys = None
@@ -143,8 +173,11 @@ def run_batches(flow_name: str, cfg: RunConfig, run_id: str | None = None) -> st
         parent = base
         batches = [edit_ids[i: i + cfg.batch_size] for i in range(0, len(edit_ids), cfg.batch_size)]
         for index, batch in enumerate(batches):
-            parent = edit_batch.submit(run_id, index, parent, batch, cfg.algorithm, hparams, stats_keys,
-                                       cfg.device).result()
+            if cfg.algorithm == "scen":
+                parent = scen_batch(run_id, index, parent, batch, scen_layer, hparams, workers)
+            else:
+                parent = edit_batch.submit(run_id, index, parent, batch, cfg.algorithm, hparams, stats_keys,
+                                           cfg.device).result()
             # Evaluating version i overlaps with editing batch i + 1: both only read version i.
             done_so_far = edit_ids[: (index + 1) * cfg.batch_size]
             evaluations.append(evaluate_version.submit(run_id, parent, index, done_so_far, probe_ids, cfg.device,
@@ -162,6 +195,14 @@ def edit_flow(cfg: RunConfig, run_id: str | None = None) -> str:
     """Ingest → statistics → (locate) → edit one batch of `cfg.n` requests → evaluate."""
     cfg.batch_size = cfg.n
     return run_batches("edit", cfg, run_id)
+
+
+@flow(name="experts", log_prints=True)
+def experts_flow(cfg: RunConfig, run_id: str | None = None) -> str:
+    """SCEN: experts trained as parallel Ray tasks, then their indexing neurons, then evaluation;
+    batch after batch (continual), old experts never retrained."""
+    cfg.algorithm = "scen"
+    return run_batches("experts", cfg, run_id)
 
 
 @flow(name="sequential", log_prints=True)

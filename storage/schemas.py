@@ -70,6 +70,7 @@ MODEL_VERSIONS = pa.schema([
     _f("parent_version", pa.string(), True),
     _f("base_model", pa.string()),
     _f("delta_keys", pa.list_(pa.string())),
+    _f("bank_key", pa.string(), True),  # SCEN expert bank attached to this version (tensor key), if any
     _f("created_at", UTC_TS),
     _f("note", pa.string(), True),
 ])

@@ -47,6 +47,8 @@ def score_version(model: Any, tok: Any, base_model: Any, edited: list[dict[str, 
     scores = metrics.score_targets(model, tok, [(metrics.fill_prompt(p), p["target_true"]) for p in probes])
     rows += [{"request_id": p["request_id"], "protocol": "probe", "metric": "top1",
               "value": float(s.predicted[0] == s.target[0])} for p, s in zip(probes, scores, strict=True)]
+    if getattr(model, "_scen", None) is not None:
+        rows += routing_rows(model, tok, edited, probes)
     rows.append({"request_id": None, "protocol": "model", "metric": "perplexity",
                  "value": metrics.perplexity(model, tok, ppl_texts)})
     if layers:
@@ -57,6 +59,17 @@ def score_version(model: Any, tok: Any, base_model: Any, edited: list[dict[str, 
             rows.append({"request_id": None, "protocol": "model", "metric": f"{name}.L{r['layer']}",
                          "value": r["value"]})
     return rows
+
+
+def routing_rows(model: Any, tok: Any, edited: list[dict[str, Any]], probes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """SCEN routing accuracy: an edit prompt must reach its own expert, an unrelated probe none."""
+    from editors import metrics
+    from editors.scen import route
+
+    chosen = route(model, tok, [metrics.fill_prompt(r) for r in edited + probes])
+    wanted = [r["request_id"] for r in edited] + [None] * len(probes)
+    return [{"request_id": r["request_id"], "protocol": "scen", "metric": "routing" if i < len(edited) else "probe_routing",
+             "value": float(c == w)} for i, (r, c, w) in enumerate(zip(edited + probes, chosen, wanted, strict=True))]
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from engramflow.ledger import committed_batches
-from flows.sequential import RunConfig, edit_flow, sequential_flow
+from flows.sequential import RunConfig, edit_flow, experts_flow, sequential_flow
 from storage import Store
 from storage.queries import degradation, drift, history
 
@@ -135,3 +135,43 @@ def test_infeasible_gpu_request_fails_fast(ray_runtime, tiny_organism):
     with pytest.raises(Exception, match="(?i)gpu|unschedulable|infeasible"):
         _run(sequential_flow, RunConfig(algorithm="memit", n=2, batch_size=2, device="cuda", **TINY))
 
+
+
+def test_experts_flow_trains_scen_batch_after_batch(ray_runtime, tiny_organism):
+    """SCEN through the pipeline: parallel expert tasks, indexing, one bank per version; the second
+    batch keeps the first batch's experts bit for bit; routing is recorded beside the usual metrics."""
+    import torch
+
+    from engramflow.ledger import get_version, load_bank
+
+    store = Store()
+    cfg = RunConfig(algorithm="scen", n=6, batch_size=3, **TINY)
+    run_id = _run(experts_flow, cfg)
+    versions = committed_batches(store, run_id)
+    assert sorted(versions) == [0, 1]
+    first = load_bank(store, get_version(store, versions[0]).bank_key)
+    second = load_bank(store, get_version(store, versions[1]).bank_key)
+    assert len(first) == 3 and len(second) == 6 and second.ids[:3] == first.ids
+    assert torch.equal(second.a[:3], first.a) and torch.equal(second.b[:3], first.b)
+    con = store.connect()
+    n_experts = con.execute(f"select count(distinct request_id) from experts where run_id = '{run_id}'").fetchone()[0]
+    assert n_experts == 6
+    routing = con.execute(f"select avg(value) from metrics where run_id = '{run_id}' and protocol = 'scen' "
+                          "and metric = 'routing' and step = 1").fetchone()[0]
+    es = con.execute(f"select avg(value) from metrics where run_id = '{run_id}' and metric = 'es' "
+                     "and step = 1").fetchone()[0]
+    assert routing >= 0.8 and es >= 0.8
+    # reverting one fact removes exactly its expert: its prompt falls back to the base weights
+    from editors.metrics import fill_prompt
+    from editors.scen import route
+    from engramflow.ledger import fetch_requests, materialize
+    from engramflow.report import revert_edit
+
+    edit = con.execute(f"select edit_id, request_id from edits where run_id = '{run_id}' and batch_index = 0 "
+                       "limit 1").fetchone()
+    reverted = revert_edit(store, edit[0])
+    model, tok = materialize(store, reverted.version)
+    requests = fetch_requests(store, second.ids)
+    routes = route(model, tok, [fill_prompt(r) for r in requests])
+    assert routes[second.ids.index(edit[1])] is None
+    assert len(load_bank(store, reverted.version.bank_key)) == 5

@@ -461,8 +461,9 @@ class ExpertBank:
         del self.facts[i]
         self.version += 1
 
-    def save(self, path: str | Path) -> None:
-        """Experts, neurons and edit keys to one safetensors file; ids and settings in its metadata."""
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Experts, neurons and edit keys as named tensors; ids and settings as string metadata (the
+        safetensors form, for a file or the content-addressed store)."""
         tensors = {
             "a": self.a, "b": self.b, "neuron_w": self.neuron_w, "neuron_b": self.neuron_b,
             "keys": self.keys, "key_owner": self.key_owner,
@@ -470,25 +471,51 @@ class ExpertBank:
         meta = {
             "format": "engramflow.scen/1", "layer": str(self.layer), "d_model": str(self.d_model),
             "d_mlp": str(self.d_mlp), "ids": json.dumps(self.ids),
-            "facts": json.dumps(self.facts), "key_question": json.dumps(self.key_question), "config": json.dumps(self.config.to_dict()),
+            "facts": json.dumps(self.facts), "key_question": json.dumps(self.key_question),
+            "config": json.dumps(self.config.to_dict()),
         }
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+        return {k: v.contiguous() for k, v in tensors.items()}, meta
 
     @classmethod
-    def load(cls, path: str | Path) -> ExpertBank:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], source: str = "tensors"
+                     ) -> ExpertBank:
         if not meta or meta.get("format") != "engramflow.scen/1":
-            raise ValueError(f"{path} is not a SCEN bank (metadata format {meta and meta.get('format')!r})")
+            raise ValueError(f"{source} is not a SCEN bank (metadata format {meta and meta.get('format')!r})")
         bank = cls(int(meta["layer"]), int(meta["d_model"]), int(meta["d_mlp"]),
                    ScenConfig(**json.loads(meta["config"])))
-        tensors = load_file(str(path))
         bank.ids = json.loads(meta["ids"])
         bank.facts = json.loads(meta["facts"])
         bank.key_question = json.loads(meta["key_question"])
         for name, value in tensors.items():
             setattr(bank, name, value)
         return bank
+
+    def save(self, path: str | Path) -> None:
+        """Experts, neurons and edit keys to one safetensors file; ids and settings in its metadata."""
+        tensors, meta = self.to_tensors()
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExpertBank:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        return cls.from_tensors(load_file(str(path)), meta, source=str(path))
+
+
+def experts_to_tensors(experts: Sequence[Expert]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Trained experts (before indexing) in safetensors form: how parallel workers hand them over."""
+    tensors: dict[str, torch.Tensor] = {}
+    for i, e in enumerate(experts):
+        parts = {"a": e.a, "b": e.b, "dense": e.dense}
+        tensors.update({f"{i}.{k}": v.detach().contiguous().cpu() for k, v in parts.items() if v is not None})
+    meta = {"experts": json.dumps([{"request_id": e.request_id, "layer": e.layer, "nll": e.nll, "steps": e.steps,
+                                    "seconds": e.seconds} for e in experts])}
+    return tensors, meta
+
+
+def experts_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> list[Expert]:
+    return [Expert(a=tensors.get(f"{i}.a"), b=tensors.get(f"{i}.b"), dense=tensors.get(f"{i}.dense"), **info)
+            for i, info in enumerate(json.loads(meta["experts"]))]
 
 
 def add_requests(

@@ -32,9 +32,9 @@ def _hparams(value: str | None) -> dict:
 def execute(flow_name: str, cfg, ray_address: str | None, run_id: str | None = None) -> str:
     """Run a flow on the pipeline runtime and print its summary; returns the run id."""
     from engramflow.runtime import pipeline_runtime, task_runner
-    from flows.sequential import edit_flow, sequential_flow
+    from flows.sequential import edit_flow, experts_flow, sequential_flow
 
-    flow = {"edit": edit_flow, "sequential": sequential_flow}[flow_name]
+    flow = {"edit": edit_flow, "sequential": sequential_flow, "experts": experts_flow}[flow_name]
     with pipeline_runtime(ray_address=ray_address):
         run_id = flow.with_options(task_runner=task_runner())(cfg, run_id=run_id)
     print_summary(run_id)
@@ -69,7 +69,7 @@ def print_summary(run_id: str) -> None:
 
 
 def _options(
-    algorithm: str = typer.Option(..., "--algorithm", "-a", help="rome | memit | emmet | alphaedit | ft"),
+    algorithm: str = typer.Option(..., "--algorithm", "-a", help="rome | memit | emmet | alphaedit | ft | scen"),
     model: str = typer.Option("organism", help="Hugging Face model dir/id, or 'organism' (embedded)."),
     dataset: str = typer.Option("world", help="Dataset file, or 'world' (the embedded fact world)."),
     format: str = typer.Option("world", "--format", "-f", help="Ingest format of --dataset."),
@@ -108,11 +108,21 @@ def register(app: typer.Typer) -> None:
         cfg, ray_address, run_id = _options(**kwargs)
         execute("sequential", cfg, ray_address, run_id)
 
-    # The three commands take the same options: typer reads them from `_options`'s signature.
+    def run_experts(**kwargs) -> None:
+        """experts_flow (SCEN): experts as parallel Ray tasks, then indexing neurons, then evaluation."""
+        kwargs["algorithm"] = "scen"
+        cfg, ray_address, run_id = _options(**kwargs)
+        execute("experts", cfg, ray_address, run_id)
+
+    # The commands take the same options: typer reads them from `_options`'s signature.
     for fn in (edit, run_edit, run_sequential):
         fn.__signature__ = inspect.signature(_options)
+    experts_signature = inspect.signature(_options)
+    run_experts.__signature__ = experts_signature.replace(
+        parameters=[p for p in experts_signature.parameters.values() if p.name != "algorithm"])
     app.command("edit")(edit)
     run_app.command("edit")(run_edit)
     run_app.command("sequential")(run_sequential)
+    run_app.command("experts")(run_experts)
     app.add_typer(run_app, name="run")
 
