@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from engramflow import home
+from engramflow.world import World
+from engramflow.world import tiny_world as make_tiny_world
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -39,11 +41,9 @@ def ray_runtime(engramflow_home: Path):
 
 
 @pytest.fixture(scope="session")
-def tiny_world():
+def tiny_world() -> World:
     """The tiny embedded world (all relations, few subjects)."""
-    from engramflow.world import tiny_world as make
-
-    return make()
+    return make_tiny_world()
 
 
 @pytest.fixture(scope="session")

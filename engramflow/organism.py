@@ -1,0 +1,407 @@
+"""The embedded model ("organism"): a small GPT-2 pretrained here on the statements of a fact set.
+
+Built once and cached under `home.models_dir()` by a hash of its configuration and training data
+(written to a hidden temporary directory, then renamed, so a killed build never looks cached);
+every stage loads it like any Hugging Face causal LM (`AutoModelForCausalLM`/`AutoTokenizer`).
+
+Design (see `../shared/ORGANISM.md` for the prototype's lessons):
+- Tokenizer: ByteLevel BPE trained with `tokenizers` on the training statements plus every object
+  with a leading space, `add_prefix_space=False`, so `enc(prompt + " " + obj) == enc(prompt) +
+  enc(" " + obj)` and every world object is one token.
+- Training sequences: each epoch shuffles the statements and packs two per sequence, joined by a
+  space, a newline or `<|endoftext|>`, so facts are seen at position 0 (bare prompts), after other
+  text (ROME-style context prefixes) and after the end-of-text token (generated prefixes).
+- Model: 4 layers x 256, 4 heads, a wide MLP (n_inner 2048 = 8 x n_embd) so that the keys of many
+  edited subjects are nearly orthogonal at the edited layer, as in real models whose d_mlp is in
+  the thousands; the prototype's width-128 MLP could not take a batch of 30 edits without breaking
+  unrelated facts. 5.6 M parameters, vocabulary 2048, no dropout.
+- Optimisation: AdamW (lr 2e-3, batch 16 sequences), linear warm-up then cosine decay to 5%;
+  after each epoch a sample of prompts is evaluated and the best epoch kept (the checkpoint);
+  training stops once train/held-out top-1 reach 0.985/0.90, else after `max_epochs`.
+- Threads: as many as there are idle cores (`idle_threads`): on an oversubscribed CPU two OpenMP
+  threads ran 10x slower than one.
+
+Measured on the shared 2-core machine (load 5-10 from other sessions, so 1 thread), world of 520
+facts (2,080 training / 1,040 held-out prompts, 30 k tokens per epoch):
+- The confusable two-token names make the first ~12 epochs a plateau (top-1 0.1-0.25) while the
+  model learns to bind first and last name; then it climbs ~0.05-0.1 per epoch.
+- 30-epoch schedule: 0.914 train / 0.803 held-out after 30 epochs, 1,724 s at 385 tokens/s.
+- 45-epoch schedule (the default): 0.985 / 0.920 at epoch 34 (early stop), 1,588 s at 467
+  tokens/s, 653 k tokens in all; at the prototype's clean 2-thread 3.5-4.9 k tokens/s that is
+  ~3 min of training (not measured clean here: the CPU was never idle).
+- Tiny (2 x 128, n_inner 1024, 108 facts): 0.97 / 0.84-0.88 in 19-23 epochs, 120-160 s at
+  ~930 tokens/s under that load; ~0.6 s per epoch (under 20 s in all) on an idle machine.
+- Where facts live (causal tracing, 12 prompts, single-layer restoration): the MLP effect is 0.21
+  at layer 0 of the last position and 0.21 at the first subject token, but only 0.035 at the last
+  subject token: this organism assembles facts mostly at the prompt's last position. MEMIT at
+  `subject_last`, layer 0, batch 50 (preset hparams): ES 0.76, PS 0.20, NS 0.94, unrelated top-1
+  0.98 -> 0.91 (30-epoch build: ES 0.10, 0.90 -> 0.81). Short of ES >= 0.90 within 0.05:
+  moving the lookup to the last subject token is the open design problem.
+Every build records its own numbers (accuracies, epochs, tokens/s, seconds, history) in
+`organism.json` beside the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
+
+from engramflow import home
+from engramflow.world import World, default_world, tiny_world
+
+log = logging.getLogger(__name__)
+EOS = "<|endoftext|>"
+BUILD_VERSION = 1  # bump when the training code changes what a config+data hash produces
+Pair = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class OrganismConfig:
+    """Everything that determines a build besides its data."""
+
+    name: str = "organism"
+    vocab_size: int = 2048
+    n_embd: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_inner: int = 2048
+    n_positions: int = 128
+    statements_per_sequence: int = 2
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    max_epochs: int = 45
+    target_train: float = 0.985
+    target_heldout: float = 0.90
+    eval_sample: int = 400  # prompts per split evaluated after each epoch (all at the end)
+    seed: int = 0
+
+
+DEFAULT_CONFIG = OrganismConfig()
+TINY_CONFIG = OrganismConfig(
+    name="organism-tiny", vocab_size=1024, n_embd=128, n_layer=2, n_head=4, n_inner=1024,
+    batch_size=8, lr=3e-3, warmup_steps=20, max_epochs=30, target_train=0.97, target_heldout=0.80,
+)
+
+
+@dataclass
+class FactData:
+    """What an organism is trained and evaluated on."""
+
+    statements: list[str]  # training text, one statement each
+    train: list[Pair]  # (prompt, object) seen in training
+    heldout: list[Pair]  # (prompt, object) never in the training text
+    objects: list[str]  # every object, trained into the tokenizer with a leading space
+    source: str
+
+    @classmethod
+    def from_world(cls, world: World, source: str) -> FactData:
+        return cls(world.training_texts(), world.train_pairs(), world.heldout_pairs(),
+                   sorted({f.target_true for f in world.facts} | {f.target_new for f in world.facts}), source)
+
+    @classmethod
+    def from_requests(cls, requests: Iterable[dict[str, Any]], source: str) -> FactData:
+        """Prompts, paraphrases and neighbourhood prompts with their true objects (all trained)."""
+        pairs: dict[Pair, None] = {}
+        objects: set[str] = set()
+        for r in requests:
+            if r.get("target_new"):
+                objects.add(r["target_new"])
+            true = r.get("target_true")
+            if true:
+                subject = r["subject"]
+                for p in [r["prompt"], *r.get("paraphrase_prompts", [])]:
+                    pairs[(p.format(subject) if "{}" in p else p, true)] = None
+            for n in r.get("neighborhood", []):
+                if n.get("prompt") and n.get("target"):
+                    pairs[(n["prompt"], n["target"])] = None
+        train = list(pairs)
+        if not train:
+            raise ValueError(f"no request in {source} has a true object to train on")
+        objects |= {o for _, o in train}
+        return cls([f"{p} {o}." for p, o in train], train, [], sorted(objects), source)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for part in (self.statements, self.train, self.heldout, self.objects):
+            h.update(json.dumps(part).encode())
+        return h.hexdigest()
+
+
+# --- tokenizer ---------------------------------------------------------------------------------------
+def train_tokenizer(data: FactData, vocab_size: int) -> PreTrainedTokenizerFast:
+    """A ByteLevel BPE tokenizer for the fact set, wrapped for `transformers`."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # Objects appear with a leading space (as scored) and bare; repeated so they win merges.
+    texts = data.statements + [f" {o}" for o in data.objects] * 20 + data.objects
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
+        model_max_length=1024, clean_up_tokenization_spaces=False,
+    )
+
+
+# --- evaluation --------------------------------------------------------------------------------------
+@torch.no_grad()
+def first_token_accuracy(model: torch.nn.Module, tok: Any, pairs: Sequence[Pair], batch_size: int = 256) -> float:
+    """Share of (prompt, object) pairs whose object's first token is the model's top-1 next token."""
+    if not pairs:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    hits = 0
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        enc = [tok.encode(p) for p, _ in chunk]
+        want = torch.tensor([tok.encode(" " + o)[0] for _, o in chunk], device=device)
+        lengths = torch.tensor([len(e) for e in enc], device=device)
+        ids = torch.full((len(enc), int(lengths.max())), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, e in enumerate(enc):
+            ids[j, : len(e)] = torch.tensor(e)
+            mask[j, : len(e)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        last = logits[torch.arange(len(enc), device=device), lengths - 1]
+        hits += int((last.argmax(-1) == want).sum())
+    model.train(was_training)
+    return hits / len(pairs)
+
+
+def evaluate_organism(model: torch.nn.Module, tok: Any, world: World | FactData) -> dict[str, float]:
+    """Top-1 accuracy of the object's first token on training and on held-out templates."""
+    data = world if isinstance(world, FactData) else FactData.from_world(world, "world")
+    return {"train_top1": first_token_accuracy(model, tok, data.train),
+            "heldout_top1": first_token_accuracy(model, tok, data.heldout)}
+
+
+# --- training ----------------------------------------------------------------------------------------
+def _batches(data: FactData, tok: Any, cfg: OrganismConfig, rng: random.Random) -> list[list[int]]:
+    """One epoch of token sequences: shuffled statements packed a few per sequence."""
+    order = list(data.statements)
+    rng.shuffle(order)
+    seqs: list[list[int]] = []
+    for i in range(0, len(order), cfg.statements_per_sequence):
+        text = order[i]
+        for s in order[i + 1:i + cfg.statements_per_sequence]:
+            text += rng.choice((" ", "\n", EOS)) + s
+        seqs.append(tok.encode(text)[: cfg.n_positions])
+    return seqs
+
+
+def _collate(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for j, s in enumerate(seqs):
+        ids[j, : len(s)] = torch.tensor(s)
+        labels[j, : len(s)] = ids[j, : len(s)]
+    return ids, (labels != -100).long(), labels
+
+
+def _progress(enabled: bool) -> Progress | None:
+    if not enabled:
+        return None
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn())
+
+
+def idle_threads() -> int:
+    """Threads worth using now: the idle cores, at least one. OpenMP threads on an oversubscribed
+    CPU spin against each other (measured here: 10x slower with 2 threads than 1 at load 8)."""
+    cores = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cores - round(os.getloadavg()[0])))
+
+
+def train_organism(data: FactData, cfg: OrganismConfig, progress: bool = True) -> tuple[
+        GPT2LMHeadModel, PreTrainedTokenizerFast, dict[str, Any]]:
+    """Train tokenizer and model on `data`; returns them and the build report."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(idle_threads())
+    try:
+        return _train(data, cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
+        GPT2LMHeadModel, PreTrainedTokenizerFast, dict[str, Any]]:
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    started = time.perf_counter()
+    tok = train_tokenizer(data, cfg.vocab_size)
+    model_cfg = GPT2Config(
+        vocab_size=len(tok), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, n_inner=cfg.n_inner, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+    )
+    model = GPT2LMHeadModel(model_cfg)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    steps_per_epoch = math.ceil(math.ceil(len(data.statements) / cfg.statements_per_sequence) / cfg.batch_size)
+    total = steps_per_epoch * cfg.max_epochs
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    eval_rng = random.Random(cfg.seed + 1)
+    train_probe = eval_rng.sample(data.train, min(cfg.eval_sample, len(data.train)))
+    heldout_probe = eval_rng.sample(data.heldout, min(cfg.eval_sample, len(data.heldout)))
+    best: dict[str, Any] = {"score": -1.0}
+    history: list[dict[str, float]] = []
+    tokens = 0
+    train_seconds = 0.0
+    bar = _progress(progress)
+    if bar is not None:
+        bar.start()
+        task = bar.add_task(cfg.name, total=total, info="")
+    try:
+        for epoch in range(1, cfg.max_epochs + 1):
+            t0 = time.perf_counter()
+            seqs = _batches(data, tok, cfg, rng)
+            loss_sum = 0.0
+            for i in range(0, len(seqs), cfg.batch_size):
+                ids, mask, labels = _collate(seqs[i:i + cfg.batch_size], tok.pad_token_id)
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                tokens += int((labels != -100).sum())
+                loss_sum += loss.item()
+                if bar is not None:
+                    bar.update(task, advance=1, info=f"epoch {epoch} loss {loss.item():.3f}")
+            train_seconds += time.perf_counter() - t0
+            acc_train = first_token_accuracy(model, tok, train_probe)
+            acc_held = first_token_accuracy(model, tok, heldout_probe) if heldout_probe else 1.0
+            row = {"epoch": epoch, "loss": loss_sum / steps_per_epoch, "train_top1": acc_train,
+                   "heldout_top1": acc_held, "seconds": time.perf_counter() - started}
+            history.append(row)
+            log.info("%s epoch %d: %s", cfg.name, epoch, {k: round(v, 4) for k, v in row.items()})
+            if bar is not None:
+                bar.update(task, info=f"epoch {epoch} train {acc_train:.3f} held-out {acc_held:.3f}")
+            score = min(acc_train / cfg.target_train, acc_held / cfg.target_heldout)
+            if score > best["score"]:
+                best = {"score": score, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+            if score >= 1.0:
+                break
+    finally:
+        if bar is not None:
+            bar.stop()
+    model.load_state_dict(best["state"])
+    model.eval()
+    final = evaluate_organism(model, tok, data)
+    report = {
+        **final,
+        "epochs": len(history), "best_epoch": best["epoch"], "tokens": tokens,
+        "tokens_per_second": tokens / train_seconds, "build_seconds": time.perf_counter() - started,
+        "n_params": sum(p.numel() for p in model.parameters()), "n_train_prompts": len(data.train),
+        "n_heldout_prompts": len(data.heldout), "source": data.source, "config": asdict(cfg),
+        "torch_threads": torch.get_num_threads(), "history": history,
+    }
+    return model, tok, report
+
+
+# --- cache -------------------------------------------------------------------------------------------
+def _cache_key(cfg: OrganismConfig, data: FactData) -> str:
+    h = hashlib.sha256(json.dumps({"config": asdict(cfg), "version": BUILD_VERSION}, sort_keys=True).encode())
+    h.update(data.fingerprint().encode())
+    return h.hexdigest()[:16]
+
+
+def build_organism(tiny: bool = False, facts: str | os.PathLike[str] | None = None, format: str | None = None,
+                   progress: bool = True, config: OrganismConfig | None = None) -> Path:
+    """Build (or find in the cache) an organism and return its directory.
+
+    By default it learns the embedded world (`tiny` picks the tiny world and model); with `facts`
+    (and its ingest `format`) it learns any fact set the ingest stage reads."""
+    cfg = config or (TINY_CONFIG if tiny else DEFAULT_CONFIG)
+    if facts is not None:
+        from engramflow.ingest import load_requests
+
+        if format is None:
+            raise ValueError("--facts needs --format (an ingest format name)")
+        requests, _rejects = load_requests(str(facts), format)
+        data = FactData.from_requests(requests, f"{format}:{facts}")
+    else:
+        data = FactData.from_world(tiny_world() if tiny else default_world(), "world-tiny" if tiny else "world")
+    root = home.models_dir()
+    target = root / f"{cfg.name}-{_cache_key(cfg, data)}"
+    if (target / "organism.json").is_file():
+        return target
+    model, tok, report = train_organism(data, cfg, progress=progress)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "organism.json").write_text(json.dumps(report, indent=1))
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "organism.json").is_file():  # not a concurrent build that won the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def organism_report(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The build report stored beside an organism's weights."""
+    return json.loads((Path(model_dir) / "organism.json").read_text())
+
+
+def resolve_model(spec: str) -> str:
+    """`organism` / `organism-tiny` -> the built model's directory; anything else unchanged."""
+    if spec == "organism":
+        return str(build_organism())
+    if spec == "organism-tiny":
+        return str(build_organism(tiny=True))
+    return spec
+
+
+def load_model(spec: str, device: str = "cpu") -> tuple[Any, Any]:
+    """Load (model, tokenizer) for a spec understood by `resolve_model`, in eval mode."""
+    path = resolve_model(spec)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path).to(device)
+    model.eval()
+    return model, tok

@@ -1,0 +1,91 @@
+"""The embedded model: tokenizer properties, the tiny build, its cache and what it knows."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engramflow.organism import (
+    TINY_CONFIG,
+    FactData,
+    build_organism,
+    evaluate_organism,
+    load_model,
+    organism_report,
+    resolve_model,
+    train_tokenizer,
+)
+from engramflow.world import World
+
+
+@pytest.fixture(scope="module")
+def world_tokenizer(tiny_world: World):
+    return train_tokenizer(FactData.from_world(tiny_world, "world-tiny"), TINY_CONFIG.vocab_size)
+
+
+def test_tokenizer_concatenation_property(tiny_world: World, world_tokenizer) -> None:
+    """Scoring `' ' + target` after a prompt sees the same tokens as the whole sentence."""
+    for rec in tiny_world.counterfact_records():
+        rw = rec["requested_rewrite"]
+        for prompt in [rw["prompt"].format(rw["subject"]), *rec["paraphrase_prompts"]]:
+            for target in (rw["target_new"]["str"], rw["target_true"]["str"]):
+                whole = world_tokenizer.encode(f"{prompt} {target}")
+                assert whole == world_tokenizer.encode(prompt) + world_tokenizer.encode(f" {target}")
+
+
+def test_objects_are_single_tokens(tiny_world: World, world_tokenizer) -> None:
+    objects = {f.target_true for f in tiny_world.facts} | {f.target_new for f in tiny_world.facts}
+    assert all(len(world_tokenizer.encode(f" {o}")) == 1 for o in objects)
+
+
+def test_fact_data_from_requests_trains_every_prompt() -> None:
+    requests = [{"prompt": "{} was born in", "subject": "Ada Vell", "target_new": "Orsk", "target_true": "Brin",
+                 "paraphrase_prompts": ["Ada Vell grew up in"],
+                 "neighborhood": [{"prompt": "Tom Vell was born in", "target": "Brin"}]},
+                {"prompt": "Zed plays", "subject": "Zed", "target_new": "harp", "target_true": None}]
+    data = FactData.from_requests(requests, "test")
+    assert data.train == [("Ada Vell was born in", "Brin"), ("Ada Vell grew up in", "Brin"),
+                          ("Tom Vell was born in", "Brin")]
+    assert data.statements[0] == "Ada Vell was born in Brin."
+    assert set(data.objects) == {"Orsk", "Brin", "harp"} and data.heldout == []
+
+
+def test_tiny_organism_builds_and_knows_its_facts(tiny_organism: Path, tiny_world: World) -> None:
+    assert (tiny_organism / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(tiny_organism)
+    tok = AutoTokenizer.from_pretrained(tiny_organism)
+    assert model.config.model_type == "gpt2" and model.config.n_layer == TINY_CONFIG.n_layer
+    acc = evaluate_organism(model, tok, tiny_world)
+    assert acc["train_top1"] >= 0.9
+    assert acc["heldout_top1"] >= 0.6
+    report = organism_report(tiny_organism)
+    assert report["train_top1"] == pytest.approx(acc["train_top1"])
+
+
+def test_tiny_organism_is_cached(tiny_organism: Path) -> None:
+    started = time.perf_counter()
+    assert build_organism(tiny=True, progress=False) == tiny_organism
+    assert time.perf_counter() - started < 5
+    assert resolve_model("organism-tiny") == str(tiny_organism)
+    assert not [p for p in tiny_organism.parent.iterdir() if p.name.startswith(".")]  # no half builds left
+
+
+def test_load_model_spec(tiny_organism: Path) -> None:
+    model, tok = load_model(str(tiny_organism))
+    assert not model.training and tok.pad_token_id is not None
+    assert resolve_model("some/hub-id") == "some/hub-id"
+
+
+def test_cli_build_prints_the_model_dir_last(tiny_organism: Path, engramflow_home: Path) -> None:
+    from typer.testing import CliRunner
+
+    from engramflow.cli import app
+
+    result = CliRunner().invoke(app, ["--home", str(engramflow_home), "organism", "build", "--tiny", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert "train top-1" in result.output
+    assert lines[-1] == str(tiny_organism)
