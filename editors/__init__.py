@@ -1,1 +1,39 @@
-"""The mathematics of engramflow in plain torch: no Prefect, no Ray."""
+"""The mathematics of engramflow in plain torch: no Prefect, no Ray.
+
+    delta = editors.edit(model, tok, requests, algorithm="memit", stats=corpus_or_moments)
+    with delta.applied(model): ...        # or delta.apply(model) / delta.revert(model)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from editors.algorithms import ALGORITHMS, Stats, get_algorithm
+from editors.covariance import SecondMoment, layer_stats, partial_stats, reduce_stats, shard_texts
+from editors.delta import Delta
+from editors.hparams import Hparams, load_preset, resolve
+from editors.keys import normalise_requests
+from editors.solver import SolverError, solve
+
+__all__ = [
+    "ALGORITHMS", "Delta", "Hparams", "SecondMoment", "SolverError", "edit", "layer_stats", "load_preset",
+    "partial_stats", "reduce_stats", "shard_texts", "solve",
+]
+
+
+def edit(
+    model: nn.Module, tok, requests: Sequence[Mapping[str, Any]], algorithm: str = "memit",
+    hparams: Hparams | Mapping[str, Any] | str | None = None, stats: Stats = None,
+    cache_dir: str | Path | None = None,
+) -> Delta:
+    """Compute the edit of `requests` (mappings with prompt, subject, target_new) as a Delta; the
+    model is left exactly as it was. `hparams`: None for the model's preset, a preset model name,
+    a mapping of overrides, or Hparams. `stats`: per-layer SecondMoment (or C) or a corpus (path
+    or list of texts) to compute them from, cached in `cache_dir`; `ft` needs none."""
+    algo = get_algorithm(algorithm)
+    hp = resolve(algorithm, model, hparams)
+    return algo.run(model, tok, normalise_requests(requests), hp, stats, cache_dir)

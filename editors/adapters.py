@@ -132,7 +132,7 @@ ADAPTERS: dict[str, Adapter] = {
         mlp_out="mlp.dense_4h_to_h",
         attn="attention",
         final_norm="gpt_neox.final_layer_norm",
-        unembed="embed_out",
+        unembed="lm_head",  # `embed_out` before transformers 5
         embed="gpt_neox.embed_in",
     ),
     "llama": Adapter(model_type="llama", **_LLAMA_LIKE),

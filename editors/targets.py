@@ -1,0 +1,237 @@
+"""Target values: the change δ to a layer's output at the fact token that makes the model say
+`target_new`, optimised for a whole batch of requests at once (one δ row per request).
+
+Per request r, as in ROME/MEMIT: loss_r = NLL(target_new | each context prefix + prompt)
++ kl_factor · KL(p₀ ‖ p) on "{subject} is a" + v_weight_decay · ‖δ_r‖ / ‖h_r‖², with ‖δ_r‖ clamped
+to clamp_norm_factor · ‖h_r‖. The batch loss is Σ_r loss_r: each δ_r only reaches its own prompts
+and Adam is element-wise, so every row follows the same path as it would alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from editors.adapters import adapter_for
+from editors.keys import (
+    Request,
+    RequestError,
+    encode,
+    eval_mode,
+    fact_position,
+    pad_batch,
+    subject_span,
+)
+
+EARLY_STOP_LOSS = 5e-2  # ROME stops a request's optimisation once its loss falls below this
+
+
+@dataclass
+class Targets:
+    delta: torch.Tensor  # [d_model, n] optimised change of the layer output at the fact token
+    h: torch.Tensor  # [d_model, n] unedited layer output at the fact token of the bare prompt
+    loss: torch.Tensor  # [n] each request's final loss
+    steps: int  # optimisation steps taken
+
+
+def block_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextlib.contextmanager
+def add_at_positions(model: nn.Module, layer: int, rows: torch.Tensor, pos: torch.Tensor,
+                     values: torch.Tensor) -> Iterator[None]:
+    """During forward passes, add values[i] to block `layer`'s output at (rows[i], pos[i])."""
+
+    def hook(_module, _args, output):
+        hidden = block_output(output)
+        hidden = hidden.index_put((rows, pos), values.to(hidden.dtype), accumulate=True)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = adapter_for(model).block(model, layer).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def current_outputs(model: nn.Module, tok, requests: Sequence[Request], layer: int,
+                    fact_token: str = "subject_last") -> torch.Tensor:
+    """Block `layer`'s output at the fact token of each bare prompt, [d_model, n] float32."""
+    device = next(model.parameters()).device
+    seqs, positions = [], []
+    for req in requests:
+        ids, offsets = encode(tok, req.prompt)
+        s, e = subject_span(req.prompt, req.subject)
+        seqs.append(ids)
+        positions.append(fact_position(offsets, len(ids), s, e, fact_token))
+    captured = {}
+
+    def hook(_module, _args, output):
+        captured["h"] = block_output(output)
+
+    ids, mask = pad_batch(seqs, device)
+    handle = adapter_for(model).block(model, layer).register_forward_hook(hook)
+    try:
+        with eval_mode(model):
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    return captured["h"][torch.arange(len(seqs), device=device), torch.tensor(positions, device=device)].float().T
+
+
+@dataclass
+class Prompts:
+    """All rewrite and KL sequences of a batch, flattened, with where to add δ and what to score."""
+
+    seqs: list[list[int]]
+    owner: list[int]  # request index of each sequence
+    fact_pos: list[int]  # where δ is added
+    score_pos: list[list[int]]  # rewrite prompts: positions predicting target tokens; KL: [last]
+    score_ids: list[list[int]]  # rewrite prompts: the target tokens; KL prompts: []
+    is_kl: list[bool]
+
+
+def build_prompts(tok, requests: Sequence[Request], prefixes: Sequence[str], fact_token: str) -> Prompts:
+    p = Prompts([], [], [], [], [], [])
+    for r_i, req in enumerate(requests):
+        for prefix in prefixes:
+            text = prefix + req.prompt
+            ids, offsets = encode(tok, text + " " + req.target_new)
+            # Target tokens are those starting at or after the separating space (offsets, not a
+            # separately tokenised target, so the split matches how the model reads the sentence).
+            tgt = [t for t, (s, e) in enumerate(offsets) if s >= len(text) and e > s]
+            if not tgt:
+                raise RequestError(f"request {req.request_id}: target {req.target_new!r} has no tokens")
+            s, e = subject_span(req.prompt, req.subject, len(prefix))
+            p.seqs.append(ids[: tgt[-1]])
+            p.owner.append(r_i)
+            p.fact_pos.append(fact_position(offsets, tgt[0], s, e, fact_token))
+            p.score_pos.append([t - 1 for t in tgt])
+            p.score_ids.append([ids[t] for t in tgt])
+            p.is_kl.append(False)
+    for r_i, req in enumerate(requests):
+        text = f"{req.subject} is a"
+        ids, offsets = encode(tok, text)
+        p.seqs.append(ids)
+        p.owner.append(r_i)
+        p.fact_pos.append(fact_position(offsets, len(ids), 0, len(req.subject), fact_token))
+        p.score_pos.append([len(ids) - 1])
+        p.score_ids.append([])
+        p.is_kl.append(True)
+    return p
+
+
+def _final_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The base model's last hidden state (final norm applied): logits are then taken only where
+    they are scored, instead of [sequences, length, vocab] for the whole batch."""
+    return model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def compute_targets(
+    model: nn.Module, tok, requests: Sequence[Request], layer: int, prefixes: Sequence[str], *,
+    v_num_grad_steps: int, v_lr: float, v_weight_decay: float, kl_factor: float,
+    clamp_norm_factor: float, fact_token: str = "subject_last", chunk_size: int = 512,
+) -> Targets:
+    """Optimise δ [n, d_model] at block `layer`'s output for all `requests` together. Each step is
+    one forward/backward over every prompt, split into chunks of `chunk_size` sequences whose
+    gradients add up (the loss is a sum over sequences)."""
+    device = next(model.parameters()).device
+    n = len(requests)
+    unembed = adapter_for(model).unembed_module(model)
+    h = current_outputs(model, tok, requests, layer, fact_token)  # [d_model, n]
+    p = build_prompts(tok, requests, prefixes, fact_token)
+    n_rewrite = torch.zeros(n, device=device).index_add_(
+        0, torch.tensor(p.owner, device=device),
+        torch.tensor([0.0 if k else 1.0 for k in p.is_kl], device=device))
+    chunks = [PromptChunk.build(p, range(b, min(b + chunk_size, len(p.seqs))), device)
+              for b in range(0, len(p.seqs), chunk_size)]
+
+    h_norm = h.norm(dim=0)  # [n]
+    max_norm = clamp_norm_factor * h_norm
+    delta = torch.zeros(n, h.shape[0], device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=v_lr)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    steps = 0
+    with eval_mode(model):
+        for it in range(v_num_grad_steps):
+            last = it == v_num_grad_steps - 1
+            nll = torch.zeros(n, device=device)
+            kl = torch.zeros(n, device=device)
+            grad = torch.zeros_like(delta)
+            for c in chunks:
+                with add_at_positions(model, layer, c.rows, c.fact_pos, delta[c.owner]):
+                    hidden = _final_hidden(model, c.ids, c.mask)
+                # NLL per rewrite sequence (mean over its target tokens), averaged per request.
+                logp = unembed(hidden[c.t_seq, c.t_pos]).float().log_softmax(-1)
+                seq_nll = torch.zeros(len(c.owner), device=device).index_add_(
+                    0, c.t_seq, -logp.gather(1, c.t_id[:, None])[:, 0]) / c.t_len
+                c_nll = torch.zeros(n, device=device).index_add_(0, c.owner, seq_nll) / n_rewrite
+                kl_logp = unembed(hidden[c.kl_rows, c.kl_last]).float().log_softmax(-1)
+                if c.kl_init is None:
+                    c.kl_init = kl_logp.detach()
+                c_kl = torch.zeros(n, device=device).index_add_(
+                    0, c.owner[c.kl_rows],
+                    kl_factor * F.kl_div(kl_logp, c.kl_init, log_target=True, reduction="none").sum(-1))
+                if not last:
+                    grad += torch.autograd.grad((c_nll + c_kl).sum(), [delta])[0]
+                nll += c_nll.detach()
+                kl += c_kl.detach()
+            wd = v_weight_decay * delta.norm(dim=1) / h_norm**2
+            loss = nll + kl + wd.detach()  # [n]
+            done |= loss < EARLY_STOP_LOSS
+            if bool(done.all()) or last:
+                break
+            frozen = delta.detach().clone()
+            opt.zero_grad()
+            delta.grad = grad + torch.autograd.grad(wd.sum(), [delta])[0]
+            opt.step()
+            steps += 1
+            with torch.no_grad():
+                delta[done] = frozen[done]  # finished requests keep their δ, as if stopped alone
+                norms = delta.norm(dim=1)
+                delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))[:, None])
+    return Targets(delta=delta.detach().T.contiguous(), h=h, loss=loss, steps=steps)
+
+
+@dataclass
+class PromptChunk:
+    """One slice of the flattened prompts as tensors: where δ goes, which tokens are scored."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor
+    owner: torch.Tensor
+    fact_pos: torch.Tensor
+    t_seq: torch.Tensor  # (t_seq, t_pos, t_id): every scored target token of the chunk
+    t_pos: torch.Tensor
+    t_id: torch.Tensor
+    t_len: torch.Tensor  # target length per sequence (1 for KL rows, which have none)
+    kl_rows: torch.Tensor
+    kl_last: torch.Tensor
+    kl_init: torch.Tensor | None = None  # the unedited KL distributions, set on the first pass
+
+    @classmethod
+    def build(cls, p: Prompts, idx: range, device: torch.device) -> PromptChunk:
+        idx = list(idx)
+        ids, mask = pad_batch([p.seqs[i] for i in idx], device)
+        tri = [(j, pos, tid) for j, i in enumerate(idx) if not p.is_kl[i]
+               for pos, tid in zip(p.score_pos[i], p.score_ids[i], strict=True)]
+        t_seq, t_pos, t_id = (torch.tensor(col, dtype=torch.long, device=device)
+                              for col in (zip(*tri, strict=True) if tri else ([], [], [])))
+        kl = [j for j, i in enumerate(idx) if p.is_kl[i]]
+        return cls(
+            ids=ids, mask=mask, rows=torch.arange(len(idx), device=device),
+            owner=torch.tensor([p.owner[i] for i in idx], device=device),
+            fact_pos=torch.tensor([p.fact_pos[i] for i in idx], device=device),
+            t_seq=t_seq, t_pos=t_pos, t_id=t_id,
+            t_len=torch.tensor([max(len(p.score_ids[i]), 1) for i in idx], device=device),
+            kl_rows=torch.tensor(kl, dtype=torch.long, device=device),
+            kl_last=torch.tensor([p.score_pos[idx[j]][0] for j in kl], dtype=torch.long, device=device),
+        )

@@ -1,0 +1,253 @@
+"""Keys, targets, covariance, deltas and whole edits on a tiny random GPT-2 with a trained BPE tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import editors
+from editors.adapters import adapter_for
+from editors.covariance import partial_stats, reduce_stats, shard_texts
+from editors.delta import Delta, DeltaError
+from editors.keys import RequestError, compute_keys, encode, fact_position, normalise_requests, subject_span
+from editors.targets import compute_targets
+
+CORPUS = [
+    "Anna Berg was born in Paris.", "Tom Vale works for Acme Labs.", "The city of Rome is in Italy.",
+    "Jr. Smith plays the violin.", "Berlin is the capital of Germany.", "Lena Kors speaks Dutch.",
+    "Mark Jr. was born in Oslo.", "Vira Holt plays the piano in Rome.", "Acme Labs is based in Berlin.",
+]
+REQUESTS = [
+    {"request_id": "a", "prompt": "{} was born in", "subject": "Anna Berg", "target_new": "Rome"},
+    {"request_id": "b", "prompt": "Tom Vale works for", "subject": "Tom Vale", "target_new": "Italy"},
+    {"request_id": "c", "prompt": "{} plays the", "subject": "Mark Jr.", "target_new": "piano"},
+]
+# fact_token "last": on a random model attention barely carries a subject-token change to the
+# last position, so edits that must take are made where the prediction is read.
+TAKES = {"fact_token": "last", "context_spec": [[3, 2]], "v_weight_decay": 1e-3, "clamp_norm_factor": 50.0,
+         "v_num_grad_steps": 20, "mom2_update_weight": 1.0, "ft_lr": 1e-2, "ft_norm_bound": 1.0}
+
+
+@pytest.fixture(scope="module")
+def tok() -> T.PreTrainedTokenizerFast:
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]))
+    return T.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def model(tok: T.PreTrainedTokenizerFast) -> T.GPT2LMHeadModel:
+    torch.manual_seed(0)
+    # initializer_range 0.2: at GPT-2's 0.02 a random model's outputs barely depend on its input.
+    cfg = T.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=128,
+                       bos_token_id=0, eos_token_id=0, initializer_range=0.2)
+    return T.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def stats(model, tok) -> dict[int, editors.SecondMoment]:
+    wikitext = Path(__file__).resolve().parents[2] / "shared/data/wikitext/wikitext-2-raw-v1.wiki.test.raw.gz"
+    return editors.layer_stats(model, tok, [0, 1, 2], wikitext, max_tokens=3000)
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def log_prob(model, tok, prompt: str, target: str) -> torch.Tensor:
+    """Log-probabilities of the next token after `prompt`, and the id of target's first token."""
+    ids = torch.tensor([tok(prompt).input_ids])
+    with torch.no_grad():
+        return model(ids).logits[0, -1].log_softmax(-1), tok(" " + target).input_ids[0]
+
+
+# --- requests and keys -------------------------------------------------------------------------
+def test_requests_fill_templates_and_name_bad_records() -> None:
+    reqs = normalise_requests(REQUESTS)
+    assert reqs[0].prompt == "Anna Berg was born in" and reqs[0].request_id == "a"
+    with pytest.raises(RequestError, match="request x .*'target_new'"):
+        normalise_requests([{"request_id": "x", "prompt": "{} is", "subject": "A", "target_new": ""}])
+    with pytest.raises(RequestError, match="request 0 .*not in prompt"):
+        normalise_requests([{"prompt": "B is", "subject": "A", "target_new": "C"}])
+
+
+def test_subject_tokens_come_from_character_offsets(tok) -> None:
+    prompt = "Hi Mark Jr. was born in"
+    ids, offsets = encode(tok, prompt)
+    s, e = subject_span(prompt, "Mark Jr.")
+    last = fact_position(offsets, len(ids), s, e, "subject_last")
+    first = fact_position(offsets, len(ids), s, e, "subject_first")
+    assert offsets[last][0] <= e - 1 < offsets[last][1]  # the token holding the subject's last "."
+    assert "M" in prompt[offsets[first][0]: offsets[first][1]]
+    assert fact_position(offsets, len(ids), s, e, "last") == len(ids) - 1
+
+
+def test_keys_are_batched_over_requests_and_averaged_over_prefixes(model, tok) -> None:
+    reqs = normalise_requests(REQUESTS)
+    prefixes = ["", "The cat sat. ", "Because it rained. "]
+    batched = compute_keys(model, tok, reqs, [0, 2], prefixes, batch_size=4)
+    assert batched[0].shape == (128, 3) and batched[2].shape == (128, 3)
+    for i, req in enumerate(reqs):
+        per_prefix = [compute_keys(model, tok, [req], [2], [p])[2] for p in prefixes]
+        torch.testing.assert_close(batched[2][:, i: i + 1], torch.stack(per_prefix).mean(0), rtol=1e-4, atol=1e-5)
+
+
+# --- targets -----------------------------------------------------------------------------------
+def test_batched_targets_match_one_at_a_time(model, tok) -> None:
+    reqs = normalise_requests(REQUESTS)
+    kw = dict(v_num_grad_steps=8, v_lr=0.5, v_weight_decay=0.5, kl_factor=0.0625, clamp_norm_factor=4.0)
+    prefixes = ["", "The cat sat. "]
+    batched = compute_targets(model, tok, reqs, 1, prefixes, chunk_size=3, **kw)
+    for i, req in enumerate(reqs):
+        alone = compute_targets(model, tok, [req], 1, prefixes, **kw)
+        torch.testing.assert_close(batched.delta[:, i], alone.delta[:, 0], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(batched.loss[i], alone.loss[0], rtol=1e-3, atol=1e-4)
+    assert batched.delta.norm() > 0
+
+
+def test_target_norm_is_clamped(model, tok) -> None:
+    reqs = normalise_requests(REQUESTS)
+    t = compute_targets(model, tok, reqs, 1, [""], v_num_grad_steps=10, v_lr=5.0, v_weight_decay=0.0,
+                        kl_factor=0.0, clamp_norm_factor=0.1)
+    assert (t.delta.norm(dim=0) <= 0.1 * t.h.norm(dim=0) * (1 + 1e-5)).all()
+
+
+# --- covariance --------------------------------------------------------------------------------
+def test_sharded_statistics_reduce_to_the_whole(model, tok) -> None:
+    whole = partial_stats(model, tok, [0, 2], CORPUS, batch_size=4)
+    parts = reduce_stats(partial_stats(model, tok, [0, 2], shard, batch_size=2) for shard in shard_texts(CORPUS, 3))
+    n_tokens = sum(len(tok(t).input_ids) for t in CORPUS)
+    for layer in (0, 2):
+        assert whole[layer].n == parts[layer].n == n_tokens
+        assert whole[layer].sum_kk.dtype == torch.float64
+        # float32 forward passes over differently padded batches: equal up to rounding
+        torch.testing.assert_close(whole[layer].sum_kk, parts[layer].sum_kk, rtol=1e-4, atol=1e-5)
+    one_layer = partial_stats(model, tok, 2, CORPUS)
+    torch.testing.assert_close(one_layer[2].C, whole[2].C)
+
+
+def test_statistics_stop_at_max_tokens_and_are_cached(model, tok, tmp_path) -> None:
+    first = editors.layer_stats(model, tok, [1], CORPUS, max_tokens=20, cache_dir=tmp_path)
+    assert first[1].n == 20
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    again = editors.layer_stats(model, tok, [1], CORPUS, max_tokens=20, cache_dir=tmp_path)
+    assert torch.equal(first[1].sum_kk, again[1].sum_kk) and again[1].n == 20
+    other = editors.layer_stats(model, tok, [1], CORPUS, max_tokens=30, cache_dir=tmp_path)
+    assert other[1].n == 30 and len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+# --- deltas ------------------------------------------------------------------------------------
+def random_delta(model, layers=(0, 2), rank=3) -> Delta:
+    a = adapter_for(model)
+    g = torch.Generator().manual_seed(3)
+    return Delta({layer: (torch.randn(a.d_model(model), rank, generator=g),
+                          torch.randn(a.d_mlp(model), rank, generator=g) * 0.1) for layer in layers})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_revert_restores_weights_bit_for_bit(model, dtype) -> None:
+    m = T.GPT2LMHeadModel(model.config).to(dtype).eval()
+    before = weights(m)
+    d = random_delta(m)
+    d.apply(m)
+    assert not torch.equal(m.transformer.h[0].mlp.c_proj.weight, before["transformer.h.0.mlp.c_proj.weight"])
+    d.revert(m)
+    after = weights(m)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_apply_adds_u_v_transpose_and_reverts_are_last_in_first_out(model) -> None:
+    m = T.GPT2LMHeadModel(model.config).eval()
+    a = adapter_for(m)
+    W = a.down_weight(m, 0).clone()
+    first, second = random_delta(m), random_delta(m, layers=(0,), rank=1)
+    first.apply(m)
+    torch.testing.assert_close(a.down_weight(m, 0), W + first.matrix(0))
+    with pytest.raises(DeltaError, match="layer 0: delta already applied"):
+        first.apply(m)
+    second.apply(m)
+    with pytest.raises(DeltaError, match="layer 0: weight changed"):
+        first.revert(m)
+    second.revert(m)
+    first.revert(m)
+    assert torch.equal(a.down_weight(m, 0), W)
+
+
+def test_delta_save_load_round_trip(model, tmp_path) -> None:
+    d = random_delta(model)
+    d.algorithm, d.request_ids, d.meta = "memit", ["a", "b"], {"layers": [0, 2]}
+    d.save(tmp_path / "d.safetensors")
+    back = Delta.load(tmp_path / "d.safetensors")
+    assert back.algorithm == "memit" and back.request_ids == ["a", "b"] and back.layers == [0, 2]
+    for layer in d.layers:
+        assert torch.equal(back.factors[layer][0], d.factors[layer][0])
+        assert torch.equal(back.factors[layer][1], d.factors[layer][1])
+    assert back.frobenius_norms() == pytest.approx({k: float(d.matrix(k).norm()) for k in d.layers}, rel=1e-5)
+
+
+def test_overlay_computes_what_applying_computes(model, tok) -> None:
+    d = random_delta(model)
+    ids = torch.tensor([tok("Anna Berg was born in").input_ids])
+    with torch.no_grad(), d.overlaid(model):
+        hooked = model(ids).logits
+    with torch.no_grad(), d.applied(model):
+        applied = model(ids).logits
+    torch.testing.assert_close(hooked, applied, rtol=1e-4, atol=1e-4)
+
+
+# --- whole edits -------------------------------------------------------------------------------
+@pytest.mark.parametrize("algorithm,layers", [
+    ("rome", [1]), ("emmet", [1]), ("memit", [0, 1]), ("alphaedit", [0, 1]), ("ft", [1])])
+def test_edit_takes_and_leaves_the_model_alone(model, tok, stats, algorithm: str, layers: list[int]) -> None:
+    before = weights(model)
+    hp = {**TAKES, "layers": layers}
+    if algorithm == "alphaedit":  # a random model's keys span every direction: take the lower half
+        hp["nullspace_threshold"] = float(torch.linalg.eigvalsh(stats[0].C).median())
+    delta = editors.edit(model, tok, REQUESTS[:2], algorithm=algorithm, hparams=hp, stats=stats)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert delta.algorithm == algorithm and delta.layers == layers and delta.request_ids == ["a", "b"]
+    with delta.applied(model):
+        for req in REQUESTS[:2]:
+            prompt = req["prompt"].replace("{}", req["subject"])
+            logp, target = log_prob(model, tok, prompt, req["target_new"])
+            assert int(logp.argmax()) == target, (algorithm, req["request_id"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_rome_update_puts_the_key_on_its_target_value(model, tok, stats) -> None:
+    """ROME's equality constraint on a real model: W_new k = W k + (z − h) at the edited layer."""
+    req = normalise_requests(REQUESTS[:1])
+    hp = editors.hparams.from_mapping({**TAKES, "layers": [1]})
+    delta = editors.edit(model, tok, REQUESTS[:1], algorithm="rome", hparams=hp, stats=stats)
+    prefixes = editors.keys.context_prefixes(model, tok, hp.context_spec, hp.seed)
+    k = compute_keys(model, tok, req, [1], prefixes, "last")[1][:, 0]
+    W = adapter_for(model).down_weight(model, 1).detach()
+    U, V = delta.factors[1]
+    moved = (W + U @ V.T) @ k - W @ k
+    t = compute_targets(model, tok, req, 1, prefixes, v_num_grad_steps=hp.v_num_grad_steps, v_lr=hp.v_lr,
+                        v_weight_decay=hp.v_weight_decay, kl_factor=hp.kl_factor,
+                        clamp_norm_factor=hp.clamp_norm_factor, fact_token="last")
+    assert (moved - t.delta[:, 0]).norm() / t.delta[:, 0].norm() < 1e-4
+
+
+def test_unknown_algorithm_and_missing_stats_are_clear_errors(model, tok) -> None:
+    with pytest.raises(ValueError, match="unknown algorithm 'rom'"):
+        editors.edit(model, tok, REQUESTS, algorithm="rom", hparams={"layers": [1]})
+    with pytest.raises(ValueError, match="needs covariance statistics"):
+        editors.edit(model, tok, REQUESTS, algorithm="memit", hparams={"layers": [1]})
+    with pytest.raises(ValueError, match="unknown hyper-parameters.*'v_steps'"):
+        editors.edit(model, tok, REQUESTS, algorithm="memit", hparams={"layers": [1], "v_steps": 3})
+
+
+def test_every_preset_loads() -> None:
+    for path in sorted(editors.hparams.PRESETS.glob("*.yaml")):
+        algorithm, model_name = path.stem.split("-", 1)
+        assert algorithm in editors.ALGORITHMS, path.name
+        assert editors.load_preset(algorithm, model_name).layers, path.name
