@@ -150,18 +150,28 @@ def compute_targets(
     n_rewrite = torch.zeros(n, device=device).index_add_(
         0, torch.tensor(p.owner, device=device),
         torch.tensor([0.0 if k else 1.0 for k in p.is_kl], device=device))
-    chunks = [PromptChunk.build(p, range(b, min(b + chunk_size, len(p.seqs))), device)
-              for b in range(0, len(p.seqs), chunk_size)]
+
+    def chunks_for(active: torch.Tensor) -> list[PromptChunk]:
+        # Only the prompts of requests still optimising: a finished request's δ is frozen, so
+        # running its prompts again would cost a forward/backward and change nothing.
+        idx = [i for i in range(len(p.seqs)) if bool(active[p.owner[i]])]
+        return [PromptChunk.build(p, idx[b: b + chunk_size], device) for b in range(0, len(idx), chunk_size)]
+
+    kl_init: dict[int, torch.Tensor] = {}  # sequence index -> the unedited KL distribution (δ = 0)
 
     h_norm = h.norm(dim=0)  # [n]
     max_norm = clamp_norm_factor * h_norm
     delta = torch.zeros(n, h.shape[0], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=v_lr)
     done = torch.zeros(n, dtype=torch.bool, device=device)
+    loss = torch.zeros(n, device=device)
+    chunks, built_for = [], None
     steps = 0
     with eval_mode(model):
         for it in range(v_num_grad_steps):
             last = it == v_num_grad_steps - 1
+            if built_for is None or not torch.equal(built_for, done):
+                chunks, built_for = chunks_for(~done), done.clone()
             nll = torch.zeros(n, device=device)
             kl = torch.zeros(n, device=device)
             grad = torch.zeros_like(delta)
@@ -175,7 +185,9 @@ def compute_targets(
                 c_nll = torch.zeros(n, device=device).index_add_(0, c.owner, seq_nll) / n_rewrite
                 kl_logp = unembed(hidden[c.kl_rows, c.kl_last]).float().log_softmax(-1)
                 if c.kl_init is None:
-                    c.kl_init = kl_logp.detach()
+                    kl_init.update({s: row for s, row in zip(c.kl_seqs, kl_logp.detach(), strict=True)
+                                    if s not in kl_init})
+                    c.kl_init = torch.stack([kl_init[s] for s in c.kl_seqs]) if c.kl_seqs else kl_logp.detach()
                 c_kl = torch.zeros(n, device=device).index_add_(
                     0, c.owner[c.kl_rows],
                     kl_factor * F.kl_div(kl_logp, c.kl_init, log_target=True, reduction="none").sum(-1))
@@ -184,7 +196,7 @@ def compute_targets(
                 nll += c_nll.detach()
                 kl += c_kl.detach()
             wd = v_weight_decay * delta.norm(dim=1) / h_norm**2
-            loss = nll + kl + wd.detach()  # [n]
+            loss = torch.where(done, loss, nll + kl + wd.detach())  # [n]; finished requests keep theirs
             done |= loss < EARLY_STOP_LOSS
             if bool(done.all()) or last:
                 break
@@ -215,10 +227,11 @@ class PromptChunk:
     t_len: torch.Tensor  # target length per sequence (1 for KL rows, which have none)
     kl_rows: torch.Tensor
     kl_last: torch.Tensor
+    kl_seqs: list[int]  # global sequence index of each KL row
     kl_init: torch.Tensor | None = None  # the unedited KL distributions, set on the first pass
 
     @classmethod
-    def build(cls, p: Prompts, idx: range, device: torch.device) -> PromptChunk:
+    def build(cls, p: Prompts, idx: Sequence[int], device: torch.device) -> PromptChunk:
         idx = list(idx)
         ids, mask = pad_batch([p.seqs[i] for i in idx], device)
         tri = [(j, pos, tid) for j, i in enumerate(idx) if not p.is_kl[i]
@@ -234,4 +247,5 @@ class PromptChunk:
             t_len=torch.tensor([max(len(p.score_ids[i]), 1) for i in idx], device=device),
             kl_rows=torch.tensor(kl, dtype=torch.long, device=device),
             kl_last=torch.tensor([p.score_pos[idx[j]][0] for j in kl], dtype=torch.long, device=device),
+            kl_seqs=[idx[j] for j in kl],
         )

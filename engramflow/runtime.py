@@ -43,6 +43,9 @@ OBJECT_STORE_BYTES = 512 * 2**20
 RAY_SCHEDULING_ENV = {
     "RAY_enable_autoscaler_v2": "1",
     "RAY_enable_infeasible_task_early_exit": "true",
+    # The v2 autoscaler reports every merely queued request ("No available node types can fulfill
+    # {'CPU': 2}") while a task waits for cores another task holds: noise, not failure.
+    "RAY_SCHEDULER_EVENTS": "0",
 }
 # Ray only binds loopback when it believes clusters are disabled; read by `ray._private.services`.
 RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -215,3 +218,21 @@ def gpu_options(device: str | torch.device, num_gpus: float = 1.0) -> dict[str, 
     """Ray resource options for a stage whose model lives on `device`: use with
     `prefect_ray.context.remote_options(**gpu_options(device))`. Empty on CPU."""
     return {"num_gpus": num_gpus} if torch.device(device).type == "cuda" else {}
+
+
+def use_assigned_cpus() -> None:
+    """Give torch as many threads as Ray assigned CPUs to the running task. Ray worker processes
+    are reused across tasks and torch fixes its thread count at import, so a task that asked for
+    several CPUs would otherwise compute on one."""
+    import ray
+
+    if ray.is_initialized():
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if cpus:
+            torch.set_num_threads(max(1, int(cpus)))
+
+
+def cpu_options(device: str | torch.device, num_cpus: int) -> dict[str, float]:
+    """Ray resource options for a CPU-bound stage: `num_cpus` when the model is on the CPU (use with
+    `remote_options`), GPU options when it is on CUDA."""
+    return gpu_options(device) or {"num_cpus": num_cpus}

@@ -25,7 +25,7 @@ from engramflow.ledger import (
     get_version,
     stable_id,
 )
-from engramflow.runtime import gpu_options
+from engramflow.runtime import cpu_options, gpu_options
 from flows.stats import compute_stats
 from storage import Store
 from tasks.edit import edit_batch
@@ -56,9 +56,13 @@ class RunConfig:
     n_probes: int = 100
     seed: int = 0
     device: str = "cpu"
+    edit_cpus: int = 2  # Ray CPUs (torch threads) for an edit task on the CPU
+
 
     def run_id(self, flow_name: str) -> str:
-        return stable_id(flow_name[:3], flow_name, {k: v for k, v in asdict(self).items() if k != "device"})
+        # where it runs (device, cores) does not change what a run is
+        return stable_id(flow_name[:3], flow_name,
+                         {k: v for k, v in asdict(self).items() if k not in ("device", "edit_cpus")})
 
 
 def select_requests(requests: list[dict[str, Any]], n: int, n_probes: int, seed: int) -> tuple[list[str], list[str]]:
@@ -176,8 +180,10 @@ def run_batches(flow_name: str, cfg: RunConfig, run_id: str | None = None) -> st
             if cfg.algorithm == "scen":
                 parent = scen_batch(run_id, index, parent, batch, scen_layer, hparams, workers)
             else:
-                parent = edit_batch.submit(run_id, index, parent, batch, cfg.algorithm, hparams, stats_keys,
-                                           cfg.device).result()
+                # Target optimisation dominates editing; it gets `edit_cpus` cores when on the CPU.
+                with remote_options(**cpu_options(cfg.device, cfg.edit_cpus)):
+                    parent = edit_batch.submit(run_id, index, parent, batch, cfg.algorithm, hparams, stats_keys,
+                                               cfg.device).result()
             # Evaluating version i overlaps with editing batch i + 1: both only read version i.
             done_so_far = edit_ids[: (index + 1) * cfg.batch_size]
             evaluations.append(evaluate_version.submit(run_id, parent, index, done_so_far, probe_ids, cfg.device,

@@ -29,7 +29,9 @@ def edit_batch(run_id: str, batch_index: int, parent: Version, request_ids: list
     """Edit `request_ids` into `parent`; return the committed version (the recorded one if this batch
     was committed by an earlier, interrupted run: no edit is ever applied twice)."""
     import editors
+    from engramflow.runtime import use_assigned_cpus
 
+    use_assigned_cpus()
     store = Store()
     version_id = batch_version_id(run_id, batch_index)
     try:

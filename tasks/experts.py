@@ -34,7 +34,9 @@ def train_experts(parent: Version, request_ids: list[str], layer: int, config: d
     """Stage 1 for a chunk of requests: one expert each; returns the tensor key of the chunk's experts."""
     from editors.scen import ScenConfig, train_expert
     from editors.scen.model import experts_to_tensors
+    from engramflow.runtime import use_assigned_cpus
 
+    use_assigned_cpus()
     store = Store()
     model, tok = materialize(store, _weights_only(parent))
     cfg = ScenConfig(**config)
