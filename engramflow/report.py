@@ -317,7 +317,9 @@ def _collapse_sentence(data: RunData) -> str:
 def _final_table(data: RunData) -> list[str]:
     s = summary(data)
     last = step_name(s["last_step"])
-    rows = [[LABELS[m], "—", fmt(s[m])] for m in (*SCORES, *MAGNITUDES, "s")]
+    unedited = {m: data.scores.get(m, {}).get(-1) for m in (*SCORES, *MAGNITUDES)}  # the run's requests, before
+    unedited["s"] = harmonic([unedited[m] for m in SCORES])
+    rows = [[LABELS[m], fmt(unedited[m]), fmt(s[m])] for m in (*SCORES, *MAGNITUDES, "s")]
     if "retention_es" in s:
         rows.append([f"ES of batch {data.first_batch}'s edits", "—", fmt(s["retention_es"])])
     rows += [[LABELS[m], fmt(s[f"{m}_unedited"], m), fmt(s[m], m)] for m in ("probe_top1", "perplexity", "ge")]

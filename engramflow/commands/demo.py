@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         from engramflow import home
         from engramflow.ingest import ingest_file
         from engramflow.organism import build_organism, organism_report
-        from engramflow.report import compare_report, load_run, summary
+        from engramflow.report import compare_report, load_run, summary, write_report
         from engramflow.runtime import pipeline_runtime, task_runner
         from flows.sequential import RunConfig, sequential_flow
         from storage import Store
@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         console.rule("4. report")
         store = Store()
         out = home.get_home() / "reports" / "demo"
-        report = compare_report(store, run_ids, out) if len(run_ids) > 1 else None
+        report = compare_report(store, run_ids, out) if len(run_ids) > 1 else write_report(store, run_ids[0], out)
         table = Table(title=f"{n} sequential edits, batches of {batch_size}")
         for column in ("algorithm", "run", "ES", "PS", "NS", "probe top-1 (unedited)", "perplexity (unedited)"):
             table.add_column(column)
@@ -71,8 +71,7 @@ def register(app: typer.Typer) -> None:
                           f"{_f(s.get('probe_top1'))} ({_f(s.get('probe_top1_unedited'))})",
                           f"{_f(s.get('perplexity'))} ({_f(s.get('perplexity_unedited'))})")
         console.print(table)
-        if report is not None:
-            console.print(f"report: {report}")
+        console.print(f"report: {report}")
         console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
 
 
