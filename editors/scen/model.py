@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from editors.adapters import adapter_for
+from editors.keys import eval_mode
 from editors.scen.config import ScenConfig
 from editors.scen.layer import NO_EXPERT, ScenLayer
 
@@ -106,16 +107,6 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    # No dropout while training experts or reading keys; the caller's mode is restored.
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
 
 @torch.no_grad()
 def prompt_hidden(model: nn.Module, tok: Any, prompts: Sequence[str], layer: int, batch_size: int = 64,
@@ -130,7 +121,7 @@ def prompt_hidden(model: nn.Module, tok: Any, prompts: Sequence[str], layer: int
     device = _device(model)
     rows: list[torch.Tensor] = []
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             for start in range(0, len(prompts), batch_size):
                 encoded = [tok.encode(p, add_special_tokens=False) for p in prompts[start : start + batch_size]]
                 width = max(map(len, encoded))
@@ -229,7 +220,7 @@ def train_expert(model: nn.Module, tok: Any, request: Request, layer: int, confi
 
     opt = torch.optim.Adam(params, lr=config.expert_lr)
     steps, nll = 0, math.nan
-    with _eval_mode(model), expert_applied(model, layer, delta_fn):
+    with eval_mode(model), expert_applied(model, layer, delta_fn):
         for steps in range(config.expert_steps + 1):
             loss = target_nll(model, ids, n_prompt)
             nll = loss.item()
@@ -630,7 +621,7 @@ def route(model: nn.Module, tok: Any, prompts: Sequence[str]) -> list[str | None
     layer = attached(model)
     device = _device(model)
     out: list[str | None] = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for prompt in prompts:
             model(input_ids=torch.tensor([tok.encode(prompt, add_special_tokens=False)], device=device), use_cache=False)
             assert layer.routes is not None
@@ -645,7 +636,7 @@ def target_correct(model: nn.Module, tok: Any, prompt: str, target: str) -> bool
     the last prompt token, as generation would."""
     ids, n_prompt = prompt_target_ids(tok, prompt, target)
     ids = ids.to(_device(model))
-    with _eval_mode(model):
+    with eval_mode(model):
         if getattr(model, "_scen", None) is not None:
             with reading_at(model, [n_prompt - 1]):
                 logits = model(input_ids=ids, use_cache=False).logits
