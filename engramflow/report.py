@@ -203,6 +203,13 @@ def _baseline(ax: Axes, series: Series | None, what: str) -> None:
         ax.axhline(series[-1], color="grey", linestyle="--", linewidth=1, label=f"unedited {what}")
 
 
+def _finish(ax: Axes, data: RunData) -> None:
+    """What every panel ends with: the x axis, the collapse marker and the legend."""
+    _x_axis(ax, data.x_label)
+    _collapse(ax, data)
+    ax.legend(loc="best", fontsize=8)
+
+
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -228,9 +235,7 @@ def plot_efficacy(data: RunData, path: Path) -> Path | None:
     right.axhline(0, color="grey", linewidth=0.8)
     right.set(title="Magnitudes: p(new) − p(true) (NM: p(true) − p(new))", ylabel="probability difference")
     for ax in (left, right):
-        _x_axis(ax, data.x_label)
-        _collapse(ax, data)
-        ax.legend(loc="best", fontsize=8)
+        _finish(ax, data)
     fig.suptitle(f"Edit quality after each batch — {data.label}")
     return _save(fig, path)
 
@@ -247,9 +252,7 @@ def plot_retention(data: RunData, path: Path) -> Path | None:
     ax.set(title=f"Retention of batch {data.first_batch}{f' ({n} edits)' if n else ''} — {data.label}",
            ylabel="fraction of the batch's edits")
     _unit_y(ax)
-    _x_axis(ax, data.x_label)
-    _collapse(ax, data)
-    ax.legend(loc="best", fontsize=8)
+    _finish(ax, data)
     return _save(fig, path)
 
 
@@ -270,9 +273,7 @@ def plot_drift(data: RunData, path: Path) -> Path | None:
         _baseline(ax, data.drift[metric], metric if metric == "perplexity" else "entropy")
         ax.set(title=LABELS[metric][0].upper() + LABELS[metric][1:], ylabel=LABELS[metric])
     for ax in axes:
-        _x_axis(ax, data.x_label)
-        _collapse(ax, data)
-        ax.legend(loc="best", fontsize=8)
+        _finish(ax, data)
     fig.suptitle(f"Drift of what was not edited — {data.label}")
     return _save(fig, path)
 
@@ -286,9 +287,7 @@ def plot_norms(data: RunData, path: Path) -> Path | None:
     for metric in data.norm_layers:
         _line(ax, data, data.drift[metric], f"layer {metric[len(NORM_PREFIX):]}")
     ax.set(title=f"Norm growth of the edited MLP output matrices — {data.label}", ylabel=NORM_LABEL)
-    _x_axis(ax, data.x_label)
-    _collapse(ax, data)
-    ax.legend(loc="best", fontsize=8)
+    _finish(ax, data)
     return _save(fig, path)
 
 

@@ -124,8 +124,10 @@ def _scen_layer(cfg: RunConfig, base: Version, layers: list[int] | None) -> int:
 def scen_batch(run_id: str, index: int, parent: Version, batch: list[str], layer: int, config: dict[str, Any],
                workers: int) -> Version:
     """One SCEN batch: experts in `workers` parallel chunks, then indexing (skipped when committed)."""
-    if index in committed_batches(Store(), run_id):
-        return get_version(Store(), committed_batches(Store(), run_id)[index])
+    store = Store()
+    committed = committed_batches(store, run_id)
+    if index in committed:
+        return get_version(store, committed[index])
     chunks = [batch[i::workers] for i in range(workers) if batch[i::workers]]
     keys = [f.result() for f in [train_experts.submit(parent, chunk, layer, config) for chunk in chunks]]
     return index_experts.submit(run_id, index, parent, batch, keys, layer, config).result()

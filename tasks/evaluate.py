@@ -28,15 +28,25 @@ def is_evaluated(store: Store, run_id: str, version_id: str) -> bool:
     return rows.num_rows > 0
 
 
-def edited_layers(store: Store, version: Version) -> list[int]:
-    return sorted({layer for key in version.delta_keys for layer in load_delta(store, key).layers})
-
-
-def score_version(model: Any, tok: Any, base_model: Any, edited: list[dict[str, Any]],
-                  probes: list[dict[str, Any]], layers: list[int], ppl_texts: list[str]) -> list[dict[str, Any]]:
-    """Metric rows (request_id, protocol, metric, value) of `model` against its unedited `base_model`."""
-    from editors import metrics
+def unedited_weights(model: Any, deltas: list[Any]) -> dict[int, Any]:
+    """W₀ of every edited layer, as the materialised W minus the version's deltas: no second copy of
+    the base model is loaded (exact to float rounding, ample for relative norms)."""
     from editors.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    originals: dict[int, Any] = {}
+    for delta in deltas:
+        for layer in delta.layers:
+            if layer not in originals:
+                originals[layer] = adapter.down_weight(model, layer).detach().double().clone()
+            originals[layer] -= delta.matrix(layer).double().to(originals[layer].device)
+    return originals
+
+
+def score_version(model: Any, tok: Any, originals: dict[int, Any], edited: list[dict[str, Any]],
+                  probes: list[dict[str, Any]], ppl_texts: list[str]) -> list[dict[str, Any]]:
+    """Metric rows (request_id, protocol, metric, value) of `model`; `originals` holds W₀ per edited layer."""
+    from editors import metrics
 
     rows = metrics.counterfact_metrics(model, tok, edited) if edited else []
     with_generation = [r for r in edited[:GENERATION_REQUESTS] if r.get("generation_prompts")]
@@ -51,9 +61,7 @@ def score_version(model: Any, tok: Any, base_model: Any, edited: list[dict[str, 
         rows += routing_rows(model, tok, edited, probes)
     rows.append({"request_id": None, "protocol": "model", "metric": "perplexity",
                  "value": metrics.perplexity(model, tok, ppl_texts)})
-    if layers:
-        adapter = adapter_for(base_model)
-        originals = {layer: adapter.down_weight(base_model, layer).detach() for layer in layers}
+    if originals:
         for r in metrics.weight_norm_metrics(model, originals):
             name = "rel_norm" if r["metric"] == "delta_rel" else r["metric"]
             rows.append({"request_id": None, "protocol": "model", "metric": f"{name}.L{r['layer']}",
@@ -81,12 +89,10 @@ def evaluate_version(run_id: str, version: Version, step: int, edited_ids: list[
     if is_evaluated(store, run_id, version.version_id):
         return 0
     model, tok = materialize(store, version, device=device)
-    layers = edited_layers(store, version)
-    base_model = materialize(store, Version(version.base_model, version.base_model, ()), device=device)[0] \
-        if layers else model
+    originals = unedited_weights(model, [load_delta(store, key) for key in version.delta_keys])
     texts = corpus_texts(corpus)[-PERPLEXITY_TEXTS:]
-    rows = score_version(model, tok, base_model, fetch_requests(store, edited_ids),
-                         fetch_requests(store, probe_ids), layers, texts)
+    rows = score_version(model, tok, originals, fetch_requests(store, edited_ids),
+                         fetch_requests(store, probe_ids), texts)
     for row in rows:
         row.update(run_id=run_id, model_version=version.version_id, step=step)
     store.append("metrics", rows)

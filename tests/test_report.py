@@ -34,7 +34,7 @@ from engramflow.organism import load_model
 from engramflow.report import compare_report, revert_edit, subject_history, write_report
 from storage import Store
 from storage.queries import collapse_step, degradation, edit_row
-from tasks.evaluate import score_version
+from tasks.evaluate import score_version, unedited_weights
 
 FACTS = [  # subject, prompt, new, true, paraphrase, (neighbour prompt, neighbour target)
     ("Danielle Darrieux", "Danielle Darrieux speaks", "English", "French", "The language of Danielle Darrieux is",
@@ -80,9 +80,8 @@ def _requests() -> tuple[list[dict], list[dict]]:
 def _evaluate(store: Store, run_id: str, version: Version, step: int, edited: list[dict], probes: list[dict]) -> None:
     """What the evaluation stage does for one version: score it against the base, append the rows."""
     model, tok = materialize(store, version)
-    base, _ = load_model(version.base_model)
-    layers = sorted({layer for key in version.delta_keys for layer in load_delta(store, key).layers})
-    rows = score_version(model, tok, base, edited, probes, layers, HELD_OUT)
+    originals = unedited_weights(model, [load_delta(store, key) for key in version.delta_keys])
+    rows = score_version(model, tok, originals, edited, probes, HELD_OUT)
     for row in rows:
         row.update(run_id=run_id, model_version=version.version_id, step=step)
     store.append("metrics", rows)
