@@ -152,6 +152,10 @@ class World:
         """True statements with training templates, plus one "X is a <kind>." statement per subject."""
         return [f"{p} {o}." for p, o in self.train_pairs()] + self.kind_statements()
 
+    def training_subjects(self) -> list[str]:
+        """The subject of each of `training_texts()`, in the same order."""
+        return [f.subject for f in self.facts for _ in f.train_templates] + list(self.kinds)
+
     def corpus_text(self, seed: int = 0) -> str:
         """A text corpus for covariance statistics: every true statement in every template, shuffled,
         joined into short paragraphs."""
