@@ -324,7 +324,11 @@ def _progress(enabled: bool) -> Progress | None:
 
 def idle_threads() -> int:
     """Threads worth using now: the idle cores, at least one. OpenMP threads on an oversubscribed
-    CPU spin against each other (measured here: 10x slower with 2 threads than 1 at load 8)."""
+    CPU spin against each other (measured here: 10x slower with 2 threads than 1 at load 8).
+    `ENGRAMFLOW_TRAIN_THREADS` overrides the guess: the 1-minute load average still counts work
+    that has just finished, so a build started right after other work takes 1 thread on an idle box."""
+    if os.environ.get("ENGRAMFLOW_TRAIN_THREADS"):
+        return max(1, int(os.environ["ENGRAMFLOW_TRAIN_THREADS"]))
     cores = os.cpu_count() or 1
     return max(1, min(torch.get_num_threads(), cores - round(os.getloadavg()[0])))
 

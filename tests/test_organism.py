@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -89,3 +90,12 @@ def test_cli_build_prints_the_model_dir_last(tiny_organism: Path, engramflow_hom
     lines = result.output.strip().splitlines()
     assert "train top-1" in result.output
     assert lines[-1] == str(tiny_organism)
+
+
+def test_train_threads_can_be_set(monkeypatch) -> None:
+    from engramflow.organism import idle_threads
+
+    monkeypatch.setenv("ENGRAMFLOW_TRAIN_THREADS", "3")
+    assert idle_threads() == 3
+    monkeypatch.delenv("ENGRAMFLOW_TRAIN_THREADS")
+    assert 1 <= idle_threads() <= (os.cpu_count() or 1)
