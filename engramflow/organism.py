@@ -47,7 +47,8 @@ facts (2,080 training / 1,040 held-out prompts, 30 k tokens per epoch):
   position. The extra forward/backward roughly doubles the cost of a training step.
   Open: edits at the last subject token do not yet take reliably (ROME, 10 edits: ES 0.5, PS 0.25,
   NS 1.0 on the default organism; ES 0.8 on the tiny one); the target values mostly reach their
-  loss, so the gap is between the prefix-averaged key and the prompt's own key.
+  loss, so the gap is probably between the prefix-averaged key and the prompt's own key (not yet
+  measured).
 Every build records its own numbers (accuracies, epochs, tokens/s, seconds, history) in
 `organism.json` beside the weights.
 """
