@@ -81,6 +81,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from editors.adapters import adapter_for
+from editors.keys import char_to_token, encode, subject_span
 from engramflow import home
 from engramflow.world import World, default_world, tiny_world
 
@@ -246,17 +248,17 @@ def _batches(data: FactData, tok: Any, cfg: OrganismConfig, rng: random.Random) 
                 text += rng.choice((" ", "\n", EOS))
             subject = data.subjects[k] if data.subjects else ""
             if subject and subject in data.statements[k]:
-                begin = len(text) + data.statements[k].index(subject)
-                spans.append((begin, begin + len(subject)))
+                spans.append(subject_span(data.statements[k], subject, offset=len(text)))
             text += data.statements[k]
-        enc = tok(text, return_offsets_mapping=True)
-        ids = enc["input_ids"][: cfg.n_positions]
-        offsets = enc["offset_mapping"][: len(ids)]
+        ids, offsets = encode(tok, text)
+        ids, offsets = ids[: cfg.n_positions], offsets[: cfg.n_positions]
         subjects = []
         for begin, end in spans:
-            hits = [t for t, (a, b) in enumerate(offsets) if b > a and a < end and b > begin]
-            if hits and offsets[hits[0]][0] >= begin - 1:  # not merged into a token before it
-                subjects.append((hits[0], hits[-1], begin > 0 and text[begin - 1] == " "))
+            if end > offsets[-1][1]:  # cut off by n_positions
+                continue
+            first, last = char_to_token(offsets, begin), char_to_token(offsets, end - 1)
+            if offsets[first][0] >= begin - 1:  # not merged into a token before it
+                subjects.append((first, last, begin > 0 and text[begin - 1] == " "))
         seqs.append(Packed(ids, subjects))
     return seqs
 
@@ -364,7 +366,7 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
     )
     model = GPT2LMHeadModel(model_cfg)
     model.train()
-    store_mlp = model.transformer.h[cfg.store_layer].mlp
+    store_mlp = adapter_for(model).mlp_module(model, cfg.store_layer)
     clean: dict[str, torch.Tensor] = {}  # the store layer's MLP output in the plain forward
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]

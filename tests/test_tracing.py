@@ -131,9 +131,9 @@ def test_tiny_organism_looks_facts_up_at_the_last_subject_token(tiny_organism, t
     noise = tracing.embedding_noise_scale(model, 3.0, token_ids=subject_ids)
     rows = [row for t in tracing.trace_requests(model, tok, requests, noise, samples=4, kinds=("mlp",))
             for row in t.rows]
-    peak = {role: max(tracing.mean_effects(rows, "mlp", role).values())
-            for role in ("subject_first", "subject_last", "after_subject", "last")
-            if tracing.mean_effects(rows, "mlp", role)}
+    by_role = {role: tracing.mean_effects(rows, "mlp", role)
+               for role in ("subject_first", "subject_last", "after_subject", "last")}
+    peak = {role: max(effects.values()) for role, effects in by_role.items() if effects}
     assert max(peak, key=peak.__getitem__) == "subject_last", peak
     assert peak["subject_last"] > 2 * peak["last"] and peak["subject_last"] > 0.2, peak
     assert tracing.choose_layers(rows)["rome_layer"] == 0
