@@ -189,7 +189,13 @@ class Store:
 
     def parts(self, table: str) -> list[str]:
         """The table's Parquet parts, oldest first (hidden temp files excluded)."""
-        infos = self.fs.get_file_info(pafs.FileSelector(self.table_dir(table), allow_not_found=True))
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.table_dir(table), allow_not_found=True))
+        except FileNotFoundError:
+            # Arrow lists the directory, and on failure checks whether it exists; when a writer creates
+            # the directory between those two steps, `allow_not_found` does not help and Arrow raises.
+            # A directory that did not exist a moment ago holds no finished part yet.
+            return []
         return sorted(i.path for i in infos if i.is_file and i.base_name.endswith(".parquet")
                       and not i.base_name.startswith((".", "_")))
 

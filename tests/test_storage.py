@@ -158,6 +158,31 @@ def test_concurrent_readers_see_only_whole_parts(store: Store) -> None:
     assert not [p for p in Path(store.table_dir("edits")).iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_listing_a_table_while_a_writer_creates_its_directory(store: Store) -> None:
+    """A reader polling a table another process is about to create sees no parts, never an error.
+
+    Arrow lists first and checks existence second, so a directory created in between used to raise
+    FileNotFoundError despite `allow_not_found` (it failed the resume test in CI). The writer here
+    creates and removes the directory in a loop to hit that window many times.
+    """
+    table_dir = Path(store.table_dir("model_versions"))
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            table_dir.mkdir(parents=True, exist_ok=True)
+            table_dir.rmdir()
+
+    writer = threading.Thread(target=churn)
+    writer.start()
+    try:
+        listings = [store.parts("model_versions") for _ in range(5000)]
+    finally:
+        stop.set()
+        writer.join()
+    assert listings == [[]] * 5000
+
+
 def test_tensors_round_trip_and_content_addressing(store: Store) -> None:
     tensors = {"u": torch.randn(8, 2), "v": torch.randn(16, 2).to(torch.bfloat16), "i": torch.arange(5)}
     meta = {"layer": "3", "algorithm": "memit", "kind": "delta"}
