@@ -1,4 +1,4 @@
-"""The embedded model ("organism"): a small GPT-2 pretrained here on the statements of a fact set.
+"""The embedded model ("organism"): a small Llama-architecture LM pretrained here on a fact set.
 
 Built once and cached under `home.models_dir()` by a hash of its configuration and training data
 (written to a hidden temporary directory, then renamed, so a killed build never looks cached);
@@ -6,15 +6,20 @@ every stage loads it like any Hugging Face causal LM (`AutoModelForCausalLM`/`Au
 
 Design (see `../shared/ORGANISM.md` for the prototype's lessons):
 - Tokenizer: ByteLevel BPE trained with `tokenizers` on the training statements plus every object
-  with a leading space, `add_prefix_space=False`, so `enc(prompt + " " + obj) == enc(prompt) +
-  enc(" " + obj)` and every world object is one token.
+  with a leading space, so `enc(prompt + " " + obj) == enc(prompt) + enc(" " + obj)` (the object
+  without special tokens) and every world object is one token. Like Llama's tokenizer it starts
+  every text with BOS (`<|endoftext|>`) and spells a text's first word as if after a space, so a
+  subject has the same tokens at the start of a prompt as inside it.
 - Training sequences: each epoch shuffles the statements and packs two per sequence, joined by a
   space, a newline or `<|endoftext|>`, so facts are seen at position 0 (bare prompts), after other
   text (ROME-style context prefixes) and after the end-of-text token (generated prefixes).
-- Model: 4 layers x 256, 4 heads, a wide MLP (n_inner 2048 = 8 x n_embd) so that the keys of many
-  edited subjects are nearly orthogonal at the edited layer, as in real models whose d_mlp is in
-  the thousands; the prototype's width-128 MLP could not take a batch of 30 edits without breaking
-  unrelated facts. 5.6 M parameters, vocabulary 2048, no dropout.
+- Model: Llama architecture (rotary positions, RMSNorm, gated MLP), 4 layers x 256, 4 heads, a
+  wide MLP (intermediate 2048 = 8 x hidden) so that the keys of many edited subjects are nearly
+  orthogonal at the edited layer, as in real models whose d_mlp is in the thousands; the
+  prototype's width-128 MLP could not take a batch of 30 edits without breaking unrelated facts.
+  Vocabulary 2048, no dropout. GPT-2 (`architecture="gpt2"`) remains available; its learned
+  absolute positions enter the residual stream, so its layer-0 keys differ with where the subject
+  stands (see below).
 - Optimisation: AdamW (lr 2e-3, batch 16 sequences), linear warm-up then cosine decay to 5%;
   after each epoch a sample of prompts is evaluated and the best epoch kept (the checkpoint);
   training stops once train/held-out top-1 reach 0.985/0.90, else after `max_epochs`.
@@ -45,10 +50,26 @@ facts (2,080 training / 1,040 held-out prompts, 30 k tokens per epoch):
   Default organism (4 x 256): 0.990 train / 0.907 held-out at epoch 42, 1,342 s on one busy core
   (647 tokens/s); MLP effect 0.565 at the last subject token of layer 0 against 0.027 at the last
   position. The extra forward/backward roughly doubles the cost of a training step.
-  Open: edits at the last subject token do not yet take reliably (ROME, 10 edits: ES 0.5, PS 0.25,
-  NS 1.0 on the default organism; ES 0.8 on the tiny one); the target values mostly reach their
-  loss, so the gap is probably between the prefix-averaged key and the prompt's own key (not yet
-  measured).
+  But edits at the last subject token did not take reliably (GPT-2 organism, ROME, 10 edits: ES
+  0.5, PS 0.25 on the default organism; ES 0.8, PS 0.55 on the tiny one) although the target
+  values reached their loss. Measured cause: the key. ROME's update written for the
+  prefix-averaged key k* delivers (k*ᵀC⁻¹k)/(k*ᵀC⁻¹k*) of the intended change to a prompt with key
+  k; on the tiny GPT-2 organism that was 0.4-0.9 for the edit prompt itself and about 0 for
+  paraphrases that start with the subject (different tokens without a leading space, and a
+  different absolute position). Tiny organism, 10 ROME edits (ES / PS), MEMIT batch of 12 (ES /
+  unrelated top-1 before -> after, mom2 weight 30):
+  | variant | ROME | MEMIT 12 |
+  |---|---|---|
+  | GPT-2 | 0.8 / 0.55 | 0.67 / 1.0 -> 0.84 |
+  | Llama (rotary) | 1.0 / 0.70 | 0.92 / 0.97 -> 0.92 |
+  | + prefix space | 1.0 / 0.45 | 1.0 / 0.97 -> 0.97 |
+  | + BOS | 1.0 / 0.65 | – |
+  | + interchange from a new context (the default) | 1.0 / 0.95 | 1.0 / 1.0 -> 1.0 (PS 0.83) |
+  The last row's interchange source is the subject after 0-8 tokens of other text
+  (`interchange_context`), so the first MLP must find the fact from the subject alone, as real
+  models' subject representations barely depend on the words before the subject. With it the
+  paraphrase keys received 0.6-1.1 of the change instead of about 0. It also helped the model:
+  1.00 train / 0.995 held-out top-1 (tiny) against 0.98 / 0.87 without.
 Every build records its own numbers (accuracies, epochs, tokens/s, seconds, history) in
 `organism.json` beside the weights.
 """
@@ -72,12 +93,14 @@ from typing import Any
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -88,7 +111,7 @@ from engramflow.world import World, default_world, tiny_world
 
 log = logging.getLogger(__name__)
 EOS = "<|endoftext|>"
-BUILD_VERSION = 2  # bump when the training code changes what a config+data hash produces
+BUILD_VERSION = 3  # bump when the training code changes what a config+data hash produces
 Pair = tuple[str, str]
 
 
@@ -117,6 +140,11 @@ class OrganismConfig:
     # subject's last token must carry the subject's facts, and the weight of that loss (0 = off).
     store_layer: int = 0
     interchange_weight: float = 0.5
+    # Interchange sources: 0 = the subject's own clean run; k > 0 = the subject after 0..k other tokens.
+    interchange_context: int = 8
+    architecture: str = "llama"  # "llama" (rotary positions) or "gpt2" (learned absolute positions)
+    prefix_space: bool = True  # tokenizer: a text's first word spelled as after a space
+    bos: bool = True  # tokenizer: every text starts with BOS
 
 
 DEFAULT_CONFIG = OrganismConfig()
@@ -174,10 +202,11 @@ class FactData:
 
 
 # --- tokenizer ---------------------------------------------------------------------------------------
-def train_tokenizer(data: FactData, vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(data: FactData, vocab_size: int, prefix_space: bool = False, bos: bool = False
+                    ) -> PreTrainedTokenizerFast:
     """A ByteLevel BPE tokenizer for the fact set, wrapped for `transformers`."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -186,6 +215,8 @@ def train_tokenizer(data: FactData, vocab_size: int) -> PreTrainedTokenizerFast:
     # Objects appear with a leading space (as scored) and bare; repeated so they win merges.
     texts = data.statements + [f" {o}" for o in data.objects] * 20 + data.objects
     tok.train_from_iterator(texts, trainer=trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{EOS} $A", special_tokens=[(EOS, tok.token_to_id(EOS))])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
         model_max_length=1024, clean_up_tokenization_spaces=False,
@@ -205,7 +236,7 @@ def first_token_accuracy(model: torch.nn.Module, tok: Any, pairs: Sequence[Pair]
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         enc = [tok.encode(p) for p, _ in chunk]
-        want = torch.tensor([tok.encode(" " + o)[0] for _, o in chunk], device=device)
+        want = torch.tensor([tok.encode(" " + o, add_special_tokens=False)[0] for _, o in chunk], device=device)
         lengths = torch.tensor([len(e) for e in enc], device=device)
         ids = torch.full((len(enc), int(lengths.max())), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -269,14 +300,15 @@ def _subject_spellings(tok: Any, subjects: Iterable[str]) -> dict[tuple[bool, in
     pool: dict[tuple[bool, int], list[list[int]]] = {}
     for subject in sorted(set(subjects) - {""}):
         for spaced in (False, True):
-            ids = tok.encode((" " if spaced else "") + subject)
+            ids = tok.encode((" " if spaced else "") + subject, add_special_tokens=False)
             pool.setdefault((spaced, len(ids)), []).append(ids)
     return pool
 
 
 def _interchange_loss(model: GPT2LMHeadModel, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
                       seqs: list[Packed], clean_mlp: torch.Tensor, mlp: torch.nn.Module,
-                      pool: dict[tuple[bool, int], list[list[int]]], rng: random.Random) -> torch.Tensor | None:
+                      pool: dict[tuple[bool, int], list[list[int]]], rng: random.Random,
+                      context_max: int = 0, bos_id: int | None = None) -> torch.Tensor | None:
     """Interchange-intervention training (Geiger et al., 2022): put another subject's tokens where
     the subject was, restore the clean run's MLP output at the subject's last token, and ask for the
     original continuation. The answer then has to come through that one activation, so the fact is
@@ -284,10 +316,13 @@ def _interchange_loss(model: GPT2LMHeadModel, ids: torch.Tensor, mask: torch.Ten
     causal tracing finds in real language models (Meng et al., 2022). Trained on next-token loss
     alone, these small models instead gather the name tokens at the prompt's last position and look
     the fact up there, where ROME/MEMIT keys cannot reach it (measured: MLP effect 0.00 at the last
-    subject token, ROME ES 0.0 at it)."""
+    subject token, ROME ES 0.0 at it).
+
+    With `context_max`, the restored activation comes from the same subject after a different context
+    (see `_subject_in_new_context`), so the lookup has to work from the subject alone."""
     swapped = ids.clone()
     labels_after = torch.full_like(labels, -100)
-    rows, lasts = [], []
+    rows, lasts, subjects = [], [], []
     for r, seq in enumerate(seqs):
         for first, last, spaced in seq.subjects:
             candidates = pool.get((spaced, last - first + 1))
@@ -297,13 +332,17 @@ def _interchange_loss(model: GPT2LMHeadModel, ids: torch.Tensor, mask: torch.Ten
             labels_after[r, last + 1:] = labels[r, last + 1:]
             rows.append(r)
             lasts.append(last)
+            subjects.append(seq.ids[first:last + 1])
     if not rows:
         return None
     rows_t, lasts_t = torch.tensor(rows), torch.tensor(lasts)
+    source = clean_mlp[rows_t, lasts_t]
+    if context_max:
+        source = _subject_in_new_context(model, subjects, seqs, mlp, context_max, bos_id, rng)
 
     def restore(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
         output = output.clone()
-        output[rows_t, lasts_t] = clean_mlp[rows_t, lasts_t]
+        output[rows_t, lasts_t] = source
         return output
 
     handle = mlp.register_forward_hook(restore)
@@ -311,6 +350,38 @@ def _interchange_loss(model: GPT2LMHeadModel, ids: torch.Tensor, mask: torch.Ten
         return model(input_ids=swapped, attention_mask=mask, labels=labels_after).loss
     finally:
         handle.remove()
+
+
+def _subject_in_new_context(model: torch.nn.Module, subjects: list[list[int]], seqs: list[Packed],
+                            mlp: torch.nn.Module, context_max: int, bos_id: int | None,
+                            rng: random.Random) -> torch.Tensor:
+    """The store-layer MLP output at the last token of each subject (token ids) when it follows a
+    different context: 0 to `context_max` tokens cut from a random sequence of the batch, after BOS
+    when the tokenizer adds one. Real models' subject representations barely depend on the words
+    before the subject, which is why ROME's key (averaged over a few prefixes) reaches paraphrases.
+    Without this, layer 0's attention mixes the preceding words into the key at the subject's last
+    token, and an edit written for one context misses others (measured on the tiny organism: the key
+    of a paraphrase that starts with the subject received about 0.1 of the intended change)."""
+    sources = []
+    for subject in subjects:
+        donor = seqs[rng.randrange(len(seqs))].ids
+        donor = donor[1:] if bos_id is not None and donor[:1] == [bos_id] else donor
+        n = rng.randint(0, min(context_max, len(donor)))
+        start = rng.randint(0, len(donor) - n)
+        sources.append(([bos_id] if bos_id is not None else []) + donor[start:start + n] + subject)
+    width = max(map(len, sources))
+    src_ids = torch.zeros(len(sources), width, dtype=torch.long)
+    src_mask = torch.zeros(len(sources), width, dtype=torch.long)
+    for j, seq in enumerate(sources):
+        src_ids[j, :len(seq)] = torch.tensor(seq)
+        src_mask[j, :len(seq)] = 1
+    seen: dict[str, torch.Tensor] = {}
+    handle = mlp.register_forward_hook(lambda _m, _a, out: seen.__setitem__("mlp", out))
+    try:
+        model(input_ids=src_ids, attention_mask=src_mask)
+    finally:
+        handle.remove()
+    return seen["mlp"][torch.arange(len(sources)), torch.tensor([len(q) - 1 for q in sources])]
 
 
 def _collate(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -352,19 +423,29 @@ def train_organism(data: FactData, cfg: OrganismConfig, progress: bool = True) -
         torch.set_num_threads(threads)
 
 
+def _new_model(cfg: OrganismConfig, tok: PreTrainedTokenizerFast) -> GPT2LMHeadModel | LlamaForCausalLM:
+    """A freshly initialised model of `cfg.architecture`, sized by `cfg`, with no dropout."""
+    special = dict(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    if cfg.architecture == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(
+            vocab_size=len(tok), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+            n_head=cfg.n_head, n_inner=cfg.n_inner, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special))
+    if cfg.architecture == "llama":
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tok), max_position_embeddings=cfg.n_positions, hidden_size=cfg.n_embd,
+            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+            intermediate_size=cfg.n_inner, tie_word_embeddings=True, attention_dropout=0.0, **special))
+    raise ValueError(f"organism architecture {cfg.architecture!r} is not one of 'gpt2', 'llama'")
+
+
 def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
         GPT2LMHeadModel, PreTrainedTokenizerFast, dict[str, Any]]:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     started = time.perf_counter()
-    tok = train_tokenizer(data, cfg.vocab_size)
+    tok = train_tokenizer(data, cfg.vocab_size, cfg.prefix_space, cfg.bos)
     pool = _subject_spellings(tok, data.subjects)
-    model_cfg = GPT2Config(
-        vocab_size=len(tok), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, n_inner=cfg.n_inner, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-    )
-    model = GPT2LMHeadModel(model_cfg)
+    model = _new_model(cfg, tok)
     model.train()
     store_mlp = adapter_for(model).mlp_module(model, cfg.store_layer)
     clean: dict[str, torch.Tensor] = {}  # the store layer's MLP output in the plain forward
@@ -407,7 +488,8 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
                 finally:
                     handle.remove()
                 if cfg.interchange_weight > 0:
-                    swap = _interchange_loss(model, ids, mask, labels, chunk, clean["mlp"], store_mlp, pool, rng)
+                    swap = _interchange_loss(model, ids, mask, labels, chunk, clean["mlp"], store_mlp, pool, rng,
+                                             cfg.interchange_context, tok.bos_token_id if cfg.bos else None)
                     if swap is not None:
                         loss = loss + cfg.interchange_weight * swap
                 opt.zero_grad(set_to_none=True)

@@ -24,7 +24,7 @@ def locate_layers(base: Version, request_ids: list[str], window: int = 1, sample
     if not rows:
         model, tok = materialize(store, base)
         requests = fetch_requests(store, request_ids)
-        subject_ids = [i for r in requests for i in tok(" " + r["subject"])["input_ids"]]
+        subject_ids = [i for r in requests for i in tok(" " + r["subject"], add_special_tokens=False)["input_ids"]]
         noise = tracing.embedding_noise_scale(model, 3.0, token_ids=subject_ids)
         traces = tracing.trace_requests(model, tok, requests, noise, samples=samples)
         rows = [{**row, "trace_id": trace_id, "base_model": base.base_model} for t in traces for row in t.rows]

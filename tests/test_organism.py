@@ -58,7 +58,7 @@ def test_tiny_organism_builds_and_knows_its_facts(tiny_organism: Path, tiny_worl
     assert (tiny_organism / "model.safetensors").is_file()
     model = AutoModelForCausalLM.from_pretrained(tiny_organism)
     tok = AutoTokenizer.from_pretrained(tiny_organism)
-    assert model.config.model_type == "gpt2" and model.config.n_layer == TINY_CONFIG.n_layer
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == TINY_CONFIG.n_layer
     acc = evaluate_organism(model, tok, tiny_world)
     assert acc["train_top1"] >= 0.9
     assert acc["heldout_top1"] >= 0.6

@@ -95,8 +95,9 @@ def contrast_prompts(fact: Mapping[str, Any], others: Sequence[Mapping[str, Any]
 
 def prompt_target_ids(tok: Any, prompt: str, target: str) -> tuple[torch.Tensor, int]:
     """Token ids of prompt + ' ' + target and the prompt's length; the pieces are encoded apart so
-    that the target's tokens are the same whatever the prompt."""
-    p = tok.encode(prompt, add_special_tokens=False)
+    that the target's tokens are the same whatever the prompt. The prompt gets the tokenizer's
+    special tokens (BOS on Llama-likes), as the model saw them in training; the target none."""
+    p = tok.encode(prompt)
     t = tok.encode(" " + target, add_special_tokens=False)
     if not t:
         raise ValueError(f"target {target!r} encodes to no tokens")
@@ -123,7 +124,7 @@ def prompt_hidden(model: nn.Module, tok: Any, prompts: Sequence[str], layer: int
     try:
         with eval_mode(model):
             for start in range(0, len(prompts), batch_size):
-                encoded = [tok.encode(p, add_special_tokens=False) for p in prompts[start : start + batch_size]]
+                encoded = [tok.encode(p) for p in prompts[start : start + batch_size]]
                 width = max(map(len, encoded))
                 ids = torch.tensor([e + [0] * (width - len(e)) for e in encoded], device=device)
                 mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded], device=device)
@@ -623,7 +624,7 @@ def route(model: nn.Module, tok: Any, prompts: Sequence[str]) -> list[str | None
     out: list[str | None] = []
     with eval_mode(model):
         for prompt in prompts:
-            model(input_ids=torch.tensor([tok.encode(prompt, add_special_tokens=False)], device=device), use_cache=False)
+            model(input_ids=torch.tensor([tok.encode(prompt)], device=device), use_cache=False)
             assert layer.routes is not None
             i = int(layer.routes[0])
             out.append(None if i == NO_EXPERT else layer.bank.ids[i])
