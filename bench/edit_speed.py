@@ -101,7 +101,7 @@ def main() -> None:
         raise SystemExit(f"the world has {len(requests)} facts; largest batch asked {max(sizes)}")
     texts = list(iter_texts(default_world().corpus_text().splitlines()))
     layers = sorted({layer for a in editors.ALGORITHMS for layer in load_preset(a, "organism").layers})
-    print(f"model {args.model} on {args.device}: {model.config.n_layer} layers x {model.config.n_embd}, "
+    print(f"model {args.model} on {args.device}: {model.config.num_hidden_layers} layers x {model.config.hidden_size}, "
           f"{torch.get_num_threads()} threads", flush=True)
     stats = editors.reduce_stats([partial_stats(model, tok, layers, texts)])
 
