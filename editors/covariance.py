@@ -83,11 +83,15 @@ def partial_stats(
         real = mask.bool()
         take = int(real.sum()) if max_tokens is None else min(int(real.sum()), max_tokens - n)
         for layer in layers:
-            k = seen[layer][real][:take].double()  # [tokens, d_mlp]
+            k = seen[layer][real][:take].float()  # [tokens, d_mlp]
             if layer not in stats:
                 stats[layer] = SecondMoment(torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64,
                                                         device=device), 0)
-            stats[layer].sum_kk.addmm_(k.T, k)
+            # One batch's kᵀk in float32 (at most batch_size x seq_len terms per entry: relative
+            # error ~1e-6), the running sum over batches in float64. A float64 product ran the
+            # statistics at 0.76x a bare forward on the tiny organism; the running sum is where
+            # precision is lost over millions of tokens.
+            stats[layer].sum_kk += (k.T @ k).double()
             stats[layer].n += take
         n += take
         batch.clear()

@@ -129,8 +129,8 @@ def test_sharded_statistics_reduce_to_the_whole(model, tok) -> None:
         assert whole[layer].sum_kk.dtype == torch.float64
         # float32 forward passes over differently padded batches: equal up to rounding
         torch.testing.assert_close(whole[layer].sum_kk, parts[layer].sum_kk, rtol=1e-4, atol=1e-5)
-    one_layer = partial_stats(model, tok, 2, CORPUS)
-    torch.testing.assert_close(one_layer[2].C, whole[2].C)
+    one_layer = partial_stats(model, tok, 2, CORPUS)  # batches of 32: other float32 per-batch products
+    torch.testing.assert_close(one_layer[2].C, whole[2].C, rtol=1e-5, atol=1e-7)
 
 
 def test_statistics_stop_at_max_tokens_and_are_cached(model, tok, tmp_path) -> None:
