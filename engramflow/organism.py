@@ -105,11 +105,12 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 
 from editors.adapters import adapter_for
-from editors.keys import char_to_token, encode, subject_span
+from editors.keys import char_to_token, encode, pad_batch, subject_span
 from engramflow import home
 from engramflow.world import World, default_world, tiny_world
 
@@ -309,7 +310,7 @@ def _subject_spellings(tok: Any, subjects: Iterable[str]) -> dict[tuple[bool, in
     return pool
 
 
-def _interchange_loss(model: GPT2LMHeadModel, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+def _interchange_loss(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
                       seqs: list[Packed], clean_mlp: torch.Tensor, mlp: torch.nn.Module,
                       pool: dict[tuple[bool, int], list[list[int]]], rng: random.Random,
                       context_max: int = 0, bos_id: int | None = None) -> torch.Tensor | None:
@@ -340,9 +341,8 @@ def _interchange_loss(model: GPT2LMHeadModel, ids: torch.Tensor, mask: torch.Ten
     if not rows:
         return None
     rows_t, lasts_t = torch.tensor(rows), torch.tensor(lasts)
-    source = clean_mlp[rows_t, lasts_t]
-    if context_max:
-        source = _subject_in_new_context(model, subjects, seqs, mlp, context_max, bos_id, rng)
+    source = (_subject_in_new_context(model, subjects, seqs, mlp, context_max, bos_id, rng) if context_max
+              else clean_mlp[rows_t, lasts_t])
 
     def restore(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
         output = output.clone()
@@ -373,12 +373,7 @@ def _subject_in_new_context(model: torch.nn.Module, subjects: list[list[int]], s
         n = rng.randint(0, min(context_max, len(donor)))
         start = rng.randint(0, len(donor) - n)
         sources.append(([bos_id] if bos_id is not None else []) + donor[start:start + n] + subject)
-    width = max(map(len, sources))
-    src_ids = torch.zeros(len(sources), width, dtype=torch.long)
-    src_mask = torch.zeros(len(sources), width, dtype=torch.long)
-    for j, seq in enumerate(sources):
-        src_ids[j, :len(seq)] = torch.tensor(seq)
-        src_mask[j, :len(seq)] = 1
+    src_ids, src_mask = pad_batch(sources, next(model.parameters()).device)
     seen: dict[str, torch.Tensor] = {}
     handle = mlp.register_forward_hook(lambda _m, _a, out: seen.__setitem__("mlp", out))
     try:
@@ -417,7 +412,7 @@ def idle_threads() -> int:
 
 
 def train_organism(data: FactData, cfg: OrganismConfig, progress: bool = True) -> tuple[
-        GPT2LMHeadModel, PreTrainedTokenizerFast, dict[str, Any]]:
+        PreTrainedModel, PreTrainedTokenizerFast, dict[str, Any]]:
     """Train tokenizer and model on `data`; returns them and the build report."""
     threads = torch.get_num_threads()
     torch.set_num_threads(idle_threads())
@@ -427,7 +422,7 @@ def train_organism(data: FactData, cfg: OrganismConfig, progress: bool = True) -
         torch.set_num_threads(threads)
 
 
-def _new_model(cfg: OrganismConfig, tok: PreTrainedTokenizerFast) -> GPT2LMHeadModel | LlamaForCausalLM:
+def _new_model(cfg: OrganismConfig, tok: PreTrainedTokenizerFast) -> PreTrainedModel:
     """A freshly initialised model of `cfg.architecture`, sized by `cfg`, with no dropout."""
     special = dict(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
     if cfg.architecture == "gpt2":
@@ -443,7 +438,7 @@ def _new_model(cfg: OrganismConfig, tok: PreTrainedTokenizerFast) -> GPT2LMHeadM
 
 
 def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
-        GPT2LMHeadModel, PreTrainedTokenizerFast, dict[str, Any]]:
+        PreTrainedModel, PreTrainedTokenizerFast, dict[str, Any]]:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     started = time.perf_counter()
