@@ -110,7 +110,7 @@ from transformers import (
 )
 
 from editors.adapters import adapter_for
-from editors.keys import char_to_token, encode, pad_batch, subject_span
+from editors.keys import StopForward, char_to_token, encode, pad_batch, run_until_stop, subject_span
 from engramflow import home
 from engramflow.world import World, default_world, tiny_world
 
@@ -375,9 +375,14 @@ def _subject_in_new_context(model: torch.nn.Module, subjects: list[list[int]], s
         sources.append(([bos_id] if bos_id is not None else []) + donor[start:start + n] + subject)
     src_ids, src_mask = pad_batch(sources, next(model.parameters()).device)
     seen: dict[str, torch.Tensor] = {}
-    handle = mlp.register_forward_hook(lambda _m, _a, out: seen.__setitem__("mlp", out))
+
+    def capture(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
+        seen["mlp"] = output
+        raise StopForward  # nothing after the store layer is needed; the graph up to here is kept
+
+    handle = mlp.register_forward_hook(capture)
     try:
-        model(input_ids=src_ids, attention_mask=src_mask)
+        run_until_stop(model, src_ids, src_mask)
     finally:
         handle.remove()
     return seen["mlp"][torch.arange(len(sources)), torch.tensor([len(q) - 1 for q in sources])]
