@@ -61,7 +61,7 @@ def _requests(n: int, world: str) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def next_token(model: nn.Module, tok: Any, prompt: str) -> int:
-    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+    ids = torch.tensor([tok.encode(prompt)])
     return int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
 
 
@@ -129,7 +129,7 @@ def bench_latency(model: nn.Module, tok: Any, bank: ExpertBank, edited: str, unr
     settings: dict[str, ExpertBank | None] = {"unedited": None, **{str(n): _tiled(bank, n) for n in (10, 100, 1000)}}
     calls: list[Callable[[], object]] = []
     for prompt in (edited, unrelated):
-        ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+        ids = torch.tensor([tok.encode(prompt)])
         calls.append(lambda ids=ids: model(input_ids=ids, use_cache=False))
         calls.append(lambda ids=ids: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
                                                     do_sample=False, pad_token_id=tok.pad_token_id))

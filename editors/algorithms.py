@@ -159,7 +159,7 @@ def fine_tune(model: nn.Module, tok, requests: Sequence[Request], hp: Hparams, p
             for _ in range(hp.ft_steps):
                 grad = torch.zeros_like(dW)
                 for c in chunks:
-                    hidden = model.base_model(input_ids=c.ids, attention_mask=c.mask).last_hidden_state
+                    hidden = c.final_hidden(model)
                     logp = unembed(hidden[c.t_seq, c.t_pos]).float().log_softmax(-1)
                     nll = -logp.gather(1, c.t_id[:, None]).sum() / n_tokens
                     grad += torch.autograd.grad(nll, [dW])[0]

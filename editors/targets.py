@@ -5,13 +5,18 @@ Per request r, as in ROME/MEMIT: loss_r = NLL(target_new | each context prefix +
 + kl_factor · KL(p₀ ‖ p) on "{subject} is a" + v_weight_decay · ‖δ_r‖ / ‖h_r‖², with ‖δ_r‖ clamped
 to clamp_norm_factor · ‖h_r‖. The batch loss is Σ_r loss_r: each δ_r only reaches its own prompts
 and Adam is element-wise, so every row follows the same path as it would alone.
+
+Tokens before a prompt's fact token never see δ (attention is causal), so their keys and values are
+computed once and cached; every step runs only the tokens from the fact token on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,12 +133,6 @@ def build_prompts(tok, requests: Sequence[Request], prefixes: Sequence[str], fac
     return p
 
 
-def _final_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The base model's last hidden state (final norm applied): logits are then taken only where
-    they are scored, instead of [sequences, length, vocab] for the whole batch."""
-    return model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-
-
 def compute_targets(
     model: nn.Module, tok, requests: Sequence[Request], layer: int, prefixes: Sequence[str], *,
     v_num_grad_steps: int, v_lr: float, v_weight_decay: float, kl_factor: float,
@@ -155,7 +154,11 @@ def compute_targets(
         # Only the prompts of requests still optimising: a finished request's δ is frozen, so
         # running its prompts again would cost a forward/backward and change nothing.
         idx = [i for i in range(len(p.seqs)) if bool(active[p.owner[i]])]
-        return [PromptChunk.build(p, idx[b: b + chunk_size], device) for b in range(0, len(idx), chunk_size)]
+        # A sequence whose fact token is its first token has nothing to cache; it goes in chunks of its own.
+        cached = [i for i in idx if p.fact_pos[i] > 0]
+        whole = [i for i in idx if p.fact_pos[i] == 0]
+        return [PromptChunk.build(p, group[b: b + chunk_size], device, split_at_fact=split)
+                for group, split in ((cached, True), (whole, False)) for b in range(0, len(group), chunk_size)]
 
     kl_init: dict[int, torch.Tensor] = {}  # sequence index -> the unedited KL distribution (δ = 0)
 
@@ -172,12 +175,14 @@ def compute_targets(
             last = it == v_num_grad_steps - 1
             if built_for is None or not torch.equal(built_for, done):
                 chunks, built_for = chunks_for(~done), done.clone()
+                for c in chunks:
+                    c.cache_prefix(model)
             nll = torch.zeros(n, device=device)
             kl = torch.zeros(n, device=device)
             grad = torch.zeros_like(delta)
             for c in chunks:
                 with add_at_positions(model, layer, c.rows, c.fact_pos, delta[c.owner]):
-                    hidden = _final_hidden(model, c.ids, c.mask)
+                    hidden = c.final_hidden(model)
                 # NLL per rewrite sequence (mean over its target tokens), averaged per request.
                 logp = unembed(hidden[c.t_seq, c.t_pos]).float().log_softmax(-1)
                 seq_nll = torch.zeros(len(c.owner), device=device).index_add_(
@@ -229,12 +234,30 @@ class PromptChunk:
     kl_last: torch.Tensor
     kl_seqs: list[int]  # global sequence index of each KL row
     kl_init: torch.Tensor | None = None  # the unedited KL distributions, set on the first pass
+    # A chunk split at the fact token: `ids` are the tokens from the fact token on, at `position_ids`,
+    # after a prefix (`prefix_ids`) whose keys and values are computed once; `mask` covers both.
+    position_ids: torch.Tensor | None = None
+    prefix_ids: torch.Tensor | None = None
+    prefix_mask: torch.Tensor | None = None
+    prefix_cache: Any = None
 
     @classmethod
-    def build(cls, p: Prompts, idx: Sequence[int], device: torch.device) -> PromptChunk:
+    def build(cls, p: Prompts, idx: Sequence[int], device: torch.device, split_at_fact: bool = False) -> PromptChunk:
+        """Tensors for sequences idx. With split_at_fact (every fact position > 0), positions (fact,
+        scored) count from each sequence's fact token."""
         idx = list(idx)
-        ids, mask = pad_batch([p.seqs[i] for i in idx], device)
-        tri = [(j, pos, tid) for j, i in enumerate(idx) if not p.is_kl[i]
+        start = [p.fact_pos[i] if split_at_fact else 0 for i in idx]
+        if split_at_fact and min(start) < 1:
+            raise ValueError("split_at_fact needs every sequence to have tokens before its fact token")
+        ids, mask = pad_batch([p.seqs[i][s:] for i, s in zip(idx, start, strict=True)], device)
+        extra = {}
+        if split_at_fact:
+            prefix_ids, prefix_mask = pad_batch([p.seqs[i][:s] for i, s in zip(idx, start, strict=True)], device)
+            offset = torch.tensor(start, device=device)
+            extra = {"prefix_ids": prefix_ids, "prefix_mask": prefix_mask,
+                     "position_ids": offset[:, None] + torch.arange(ids.shape[1], device=device)}
+            mask = torch.cat([prefix_mask, mask], 1)
+        tri = [(j, pos - s, tid) for j, (i, s) in enumerate(zip(idx, start, strict=True)) if not p.is_kl[i]
                for pos, tid in zip(p.score_pos[i], p.score_ids[i], strict=True)]
         t_seq, t_pos, t_id = (torch.tensor(col, dtype=torch.long, device=device)
                               for col in (zip(*tri, strict=True) if tri else ([], [], [])))
@@ -242,10 +265,30 @@ class PromptChunk:
         return cls(
             ids=ids, mask=mask, rows=torch.arange(len(idx), device=device),
             owner=torch.tensor([p.owner[i] for i in idx], device=device),
-            fact_pos=torch.tensor([p.fact_pos[i] for i in idx], device=device),
+            fact_pos=torch.tensor([p.fact_pos[i] - s for i, s in zip(idx, start, strict=True)], device=device),
             t_seq=t_seq, t_pos=t_pos, t_id=t_id,
             t_len=torch.tensor([max(len(p.score_ids[i]), 1) for i in idx], device=device),
             kl_rows=torch.tensor(kl, dtype=torch.long, device=device),
-            kl_last=torch.tensor([p.score_pos[idx[j]][0] for j in kl], dtype=torch.long, device=device),
+            kl_last=torch.tensor([p.score_pos[idx[j]][0] - start[j] for j in kl], dtype=torch.long, device=device),
             kl_seqs=[idx[j] for j in kl],
+            **extra,
         )
+
+    @torch.no_grad()
+    def cache_prefix(self, model: nn.Module) -> None:
+        """Keys and values of the tokens before each fact token, from the unedited model: call it
+        outside any hook that adds δ (the hooks index positions of the tokens after the prefix)."""
+        if self.prefix_ids is not None:
+            self.prefix_cache = model.base_model(input_ids=self.prefix_ids, attention_mask=self.prefix_mask,
+                                                 use_cache=True).past_key_values
+
+    def final_hidden(self, model: nn.Module) -> torch.Tensor:
+        """The base model's last hidden state (final norm applied) at the chunk's tokens: logits are
+        then taken only where they are scored, instead of [sequences, length, vocab] for the batch."""
+        if self.prefix_ids is None:
+            return model.base_model(input_ids=self.ids, attention_mask=self.mask).last_hidden_state
+        if self.prefix_cache is None:
+            raise RuntimeError("a chunk split at the fact token needs cache_prefix(model) before its forwards")
+        # A copy: the forward appends the chunk's own keys and values to the cache it is given.
+        return model.base_model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position_ids,
+                                past_key_values=copy.deepcopy(self.prefix_cache), use_cache=True).last_hidden_state

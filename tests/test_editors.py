@@ -14,7 +14,7 @@ from editors.adapters import adapter_for
 from editors.covariance import partial_stats, reduce_stats, shard_texts
 from editors.delta import Delta, DeltaError
 from editors.keys import RequestError, compute_keys, encode, fact_position, normalise_requests, subject_span
-from editors.targets import compute_targets
+from editors.targets import PromptChunk, add_at_positions, build_prompts, compute_targets
 
 CORPUS = [
     "Anna Berg was born in Paris.", "Tom Vale works for Acme Labs.", "The city of Rome is in Italy.",
@@ -110,6 +110,33 @@ def test_batched_targets_match_one_at_a_time(model, tok) -> None:
         torch.testing.assert_close(batched.delta[:, i], alone.delta[:, 0], rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(batched.loss[i], alone.loss[0], rtol=1e-3, atol=1e-4)
     assert batched.delta.norm() > 0
+
+
+def test_targets_read_the_tokens_before_the_fact_token_from_a_cache(model, tok) -> None:
+    """Tokens before the fact token never see δ, so their keys and values are cached and only the rest
+    is run: the scored hidden states must equal a whole-sequence forward, and a prompt that starts
+    with a one-token subject (nothing to cache) must still get its own target."""
+    first = {"request_id": "d", "prompt": "{} is in", "subject": "X", "target_new": "Germany"}
+    reqs = normalise_requests([*REQUESTS, first])
+    p = build_prompts(tok, reqs, ["", "The cat sat. "], "subject_last")
+    assert 0 in p.fact_pos  # "X is in" without a BOS token: the fact token is the first
+    idx = [i for i in range(len(p.seqs)) if p.fact_pos[i] > 0]
+    whole = PromptChunk.build(p, idx, torch.device("cpu"))
+    split = PromptChunk.build(p, idx, torch.device("cpu"), split_at_fact=True)
+    assert split.ids.shape[1] < whole.ids.shape[1]
+    delta = torch.randn(len(reqs), model.config.n_embd, generator=torch.Generator().manual_seed(0))
+    read = []
+    split.cache_prefix(model)
+    for c in (whole, split):
+        with add_at_positions(model, 1, c.rows, c.fact_pos, delta[c.owner]), torch.no_grad():
+            hidden = c.final_hidden(model)
+        read.append(torch.cat([hidden[c.t_seq, c.t_pos], hidden[c.kl_rows, c.kl_last]]))
+    torch.testing.assert_close(read[1], read[0], rtol=1e-4, atol=1e-5)
+    kw = dict(v_num_grad_steps=8, v_lr=0.5, v_weight_decay=0.5, kl_factor=0.0625, clamp_norm_factor=4.0)
+    batched = compute_targets(model, tok, reqs, 1, ["", "The cat sat. "], **kw)
+    alone = compute_targets(model, tok, reqs[-1:], 1, ["", "The cat sat. "], **kw)
+    torch.testing.assert_close(batched.delta[:, -1], alone.delta[:, 0], rtol=1e-3, atol=1e-4)
+    assert alone.delta.norm() > 0
 
 
 def test_target_norm_is_clamped(model, tok) -> None:
