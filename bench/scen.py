@@ -6,8 +6,10 @@ unedited model with 10, 100 and 1,000 experts, and (`--edits N`) the quality of 
 Quality is teacher-forced top-1 of every target token (`editors.scen.target_correct`, the zsRE
 protocol), routing read at the last prompt token as `generate` would: reliability on the edit
 prompts, generality on the paraphrases, locality = share of neighbourhood / unedited-fact prompts
-whose next-token argmax is the unedited model's, routing accuracy = right expert (edit prompts and
-paraphrases) or none (neighbourhood and unedited facts).
+whose next-token argmax is the unedited model's (also shown apart: CounterFact neighbours, i.e. other
+subjects with the same relation and answer, and unedited facts of the world, which often share an
+edited subject), routing accuracy = right expert (edit prompts and paraphrases) or none
+(neighbourhood and unedited facts).
 """
 
 from __future__ import annotations
@@ -157,7 +159,7 @@ def evaluate(model: nn.Module, tok: Any, bank: ExpertBank, requests: list[dict],
     edited = {fill_prompt(r) for r in requests}
     attach(model, bank.layer, bank)
     try:
-        rel, gen, loc, right = [], [], [], []
+        rel, gen, loc_neighbour, loc_unrelated, right = [], [], [], [], []
         for r in requests:
             rid = request_id(r)
             prompt = fill_prompt(r)
@@ -166,15 +168,17 @@ def evaluate(model: nn.Module, tok: Any, bank: ExpertBank, requests: list[dict],
             gen += [target_correct(model, tok, p, r["target_new"]) for p in paraphrases]
             right += [got == rid for got in route(model, tok, [prompt, *paraphrases])]
             others = [n["prompt"] for n in r["neighborhood"][:neighbours] if n["prompt"] not in edited]
-            loc += [next_token(model, tok, p) == base_next[p] for p in others]
+            loc_neighbour += [next_token(model, tok, p) == base_next[p] for p in others]
             right += [got is None for got in route(model, tok, others)]
         for r in unrelated:
             prompt = fill_prompt(r)
-            loc.append(next_token(model, tok, prompt) == base_next[prompt])
+            loc_unrelated.append(next_token(model, tok, prompt) == base_next[prompt])
             right += [got is None for got in route(model, tok, [prompt])]
     finally:
         detach(model)
-    return {"reliability": _share(rel), "generality": _share(gen), "locality": _share(loc), "routing": _share(right)}
+    return {"reliability": _share(rel), "generality": _share(gen), "locality": _share(loc_neighbour + loc_unrelated),
+            "locality_neighbour": _share(loc_neighbour), "locality_unrelated": _share(loc_unrelated),
+            "routing": _share(right)}
 
 
 def bench_quality(model: nn.Module, tok: Any, requests: list[dict], unrelated: list[dict], layer: int,
@@ -201,7 +205,8 @@ def bench_quality(model: nn.Module, tok: Any, requests: list[dict], unrelated: l
     }
     table = Table(title=f"{len(requests)} sequential edits in batches of {batch}, layer {layer} "
                         f"(+{len(unrelated)} unedited facts)")
-    for col in ("neurons", "reliability", "generality", "gen. held-out para.", "locality", "routing acc.",
+    for col in ("neurons", "reliability", "generality", "gen. held-out para.", "locality", "loc. neighbours",
+                "loc. unrelated", "routing acc.",
                 "old neurons firing / recal.", "neuron s"):
         table.add_column(col, justify="right")
     for name, cfg in variants.items():
@@ -216,7 +221,8 @@ def bench_quality(model: nn.Module, tok: Any, requests: list[dict], unrelated: l
         m = evaluate(model, tok, bank, requests, unrelated, base_next, slice(None), neighbours)
         held = evaluate(model, tok, bank, requests, [], base_next, slice(1, 2), 0)["generality"]
         table.add_row(name, f"{m['reliability']:.3f}", f"{m['generality']:.3f}", f"{held:.3f}",
-                      f"{m['locality']:.3f}", f"{m['routing']:.3f}", f"{fired} / {recal}", f"{seconds:.1f}")
+                      f"{m['locality']:.3f}", f"{m['locality_neighbour']:.3f}", f"{m['locality_unrelated']:.3f}",
+                      f"{m['routing']:.3f}", f"{fired} / {recal}", f"{seconds:.1f}")
     console.print(table)
 
 
