@@ -56,7 +56,12 @@ WORKER_ENV_KEYS = (
     "ENGRAMFLOW_STORE",
     "ENGRAMFLOW_MODEL_CACHE",
 )
-MAX_RAY_TMPDIR = 48  # leaves room for "/session_<date>_<pid>/sockets/plasma_store"
+# Ray puts unix sockets under its temp dir, and AF_UNIX paths end at 107 bytes. The longest suffix it
+# adds is "/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store", 64 bytes with a 7-digit pid
+# (48 here left 107 to 108-byte paths whenever pytest's tmp counter and the pid both grew a digit).
+AF_UNIX_PATH_MAX = 107
+RAY_SOCKET_SUFFIX = len("/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")
+MAX_RAY_TMPDIR = AF_UNIX_PATH_MAX - RAY_SOCKET_SUFFIX
 
 
 @dataclass
