@@ -276,8 +276,9 @@ class PromptChunk:
 
     @torch.no_grad()
     def cache_prefix(self, model: nn.Module) -> None:
-        """Keys and values of the tokens before each fact token, from the unedited model: call it
-        outside any hook that adds δ (the hooks index positions of the tokens after the prefix)."""
+        """Keys and values of the tokens before each fact token, from the model as it is now (with any
+        earlier updates overlaid) but without δ: call it outside the hook that adds δ, whose positions
+        count from the fact token."""
         if self.prefix_ids is not None:
             self.prefix_cache = model.base_model(input_ids=self.prefix_ids, attention_mask=self.prefix_mask,
                                                  use_cache=True).past_key_values
