@@ -133,6 +133,25 @@ def build_prompts(tok, requests: Sequence[Request], prefixes: Sequence[str], fac
     return p
 
 
+def length_groups(idx: Sequence[int], lengths: Sequence[int], max_rows: int, max_padding: float = 0.25,
+                  ) -> list[list[int]]:
+    """Split sequences idx (with these run lengths) into chunks of at most max_rows, by ascending
+    length, starting a new chunk where padding would exceed max_padding of the chunk's real tokens.
+    A batch mixes templates whose runs differ several-fold (subject first or last); padded together,
+    most of a step's work was padding, and batching 64 requests was slower than one at a time."""
+    groups: list[list[int]] = []
+    tokens = 0
+    for length, i in sorted(zip(lengths, idx, strict=True)):
+        g = groups[-1] if groups else None
+        # Sorted ascending, so `length` is the padded width if i joins the last chunk.
+        if g is None or len(g) >= max_rows or (len(g) + 1) * length > (1 + max_padding) * (tokens + length):
+            groups.append([])
+            tokens = 0
+        groups[-1].append(i)
+        tokens += length
+    return groups
+
+
 def compute_targets(
     model: nn.Module, tok, requests: Sequence[Request], layer: int, prefixes: Sequence[str], *,
     v_num_grad_steps: int, v_lr: float, v_weight_decay: float, kl_factor: float,
@@ -157,8 +176,10 @@ def compute_targets(
         # A sequence whose fact token is its first token has nothing to cache; it goes in chunks of its own.
         cached = [i for i in idx if p.fact_pos[i] > 0]
         whole = [i for i in idx if p.fact_pos[i] == 0]
-        return [PromptChunk.build(p, group[b: b + chunk_size], device, split_at_fact=split)
-                for group, split in ((cached, True), (whole, False)) for b in range(0, len(group), chunk_size)]
+        return ([PromptChunk.build(p, g, device, split_at_fact=True)
+                 for g in length_groups(cached, [len(p.seqs[i]) - p.fact_pos[i] for i in cached], chunk_size)]
+                + [PromptChunk.build(p, g, device)
+                   for g in length_groups(whole, [len(p.seqs[i]) for i in whole], chunk_size)])
 
     kl_init: dict[int, torch.Tensor] = {}  # sequence index -> the unedited KL distribution (δ = 0)
 

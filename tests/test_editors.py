@@ -14,7 +14,7 @@ from editors.adapters import adapter_for
 from editors.covariance import partial_stats, reduce_stats, shard_texts
 from editors.delta import Delta, DeltaError
 from editors.keys import RequestError, compute_keys, encode, fact_position, normalise_requests, subject_span
-from editors.targets import PromptChunk, add_at_positions, build_prompts, compute_targets
+from editors.targets import PromptChunk, add_at_positions, build_prompts, compute_targets, length_groups
 
 CORPUS = [
     "Anna Berg was born in Paris.", "Tom Vale works for Acme Labs.", "The city of Rome is in Italy.",
@@ -137,6 +137,16 @@ def test_targets_read_the_tokens_before_the_fact_token_from_a_cache(model, tok) 
     alone = compute_targets(model, tok, reqs[-1:], 1, ["", "The cat sat. "], **kw)
     torch.testing.assert_close(batched.delta[:, -1], alone.delta[:, 0], rtol=1e-3, atol=1e-4)
     assert alone.delta.norm() > 0
+
+
+def test_length_groups_bound_padding_and_rows() -> None:
+    lengths = [2, 9, 3, 2, 8, 9, 2, 3, 4, 9, 2, 2]
+    groups = length_groups(list(range(len(lengths))), lengths, max_rows=4)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        width, real = max(lengths[i] for i in g), sum(lengths[i] for i in g)
+        assert len(g) <= 4 and len(g) * width <= 1.25 * real
+    assert len(length_groups([0, 1], [5, 5], max_rows=512)) == 1  # one request's prompts: one chunk
 
 
 def test_target_norm_is_clamped(model, tok) -> None:
