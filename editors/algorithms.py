@@ -26,7 +26,7 @@ from editors.hparams import Hparams
 from editors.keys import Request, context_prefixes, eval_mode
 from editors.solver import Constraint, null_space_projector, solve
 from editors.spreading import spread
-from editors.targets import PromptChunk, build_prompts, compute_targets
+from editors.targets import PromptChunk, build_prompts, compute_targets, length_groups
 
 Stats = Mapping[int, SecondMoment | torch.Tensor] | Corpus | None
 
@@ -144,8 +144,8 @@ def fine_tune(model: nn.Module, tok, requests: Sequence[Request], hp: Hparams, p
     max_norm = hp.ft_norm_bound * float(W0.detach().float().norm())
     p = build_prompts(tok, requests, prefixes, hp.fact_token)
     rewrite = [i for i, kl in enumerate(p.is_kl) if not kl]
-    chunks = [PromptChunk.build(p, rewrite[b: b + hp.chunk_size], device)
-              for b in range(0, len(rewrite), hp.chunk_size)]
+    chunks = [PromptChunk.build(p, g, device)
+              for g in length_groups(rewrite, [len(p.seqs[i]) for i in rewrite], hp.chunk_size)]
     n_tokens = sum(len(c.t_id) for c in chunks)
     unembed = adapter.unembed_module(model)
     opt = torch.optim.Adam([dW], lr=hp.ft_lr)
