@@ -194,7 +194,10 @@ def compute_targets(
     with eval_mode(model):
         for it in range(v_num_grad_steps):
             last = it == v_num_grad_steps - 1
-            if built_for is None or not torch.equal(built_for, done):
+            # Rebuilding drops finished requests' prompts but costs a prefix forward, so it waits until a
+            # quarter of the built-for requests have finished; until then finished rows still run, their δ
+            # frozen and their loss kept, which changes no other row (each δ reaches only its own prompts).
+            if built_for is None or int((~done).sum()) <= 0.75 * int((~built_for).sum()):
                 chunks, built_for = chunks_for(~done), done.clone()
                 for c in chunks:
                     c.cache_prefix(model)
