@@ -95,6 +95,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -405,15 +406,17 @@ def _progress(enabled: bool) -> Progress | None:
                     TimeElapsedColumn(), TimeRemainingColumn())
 
 
-def idle_threads() -> int:
+def idle_threads(sample_seconds: float = 0.5) -> int:
     """Threads worth using now: the idle cores, at least one. OpenMP threads on an oversubscribed
     CPU spin against each other (measured here: 10x slower with 2 threads than 1 at load 8).
-    `ENGRAMFLOW_TRAIN_THREADS` overrides the guess: the 1-minute load average still counts work
-    that has just finished, so a build started right after other work takes 1 thread on an idle box."""
+    Idle cores are sampled over `sample_seconds` (psutil), not read from the load average: the
+    1-minute load still counts work that has just finished (a `pip install` right before the build),
+    which gave a build on an idle 2-core machine one thread. `ENGRAMFLOW_TRAIN_THREADS` overrides."""
     if os.environ.get("ENGRAMFLOW_TRAIN_THREADS"):
         return max(1, int(os.environ["ENGRAMFLOW_TRAIN_THREADS"]))
     cores = os.cpu_count() or 1
-    return max(1, min(torch.get_num_threads(), cores - round(os.getloadavg()[0])))
+    busy_cores = psutil.cpu_percent(interval=sample_seconds) / 100 * cores
+    return max(1, min(torch.get_num_threads(), cores - round(busy_cores)))
 
 
 def train_organism(data: FactData, cfg: OrganismConfig, progress: bool = True) -> tuple[
