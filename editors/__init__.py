@@ -18,22 +18,24 @@ from editors.delta import Delta
 from editors.hparams import Hparams, load_preset, resolve
 from editors.keys import normalise_requests
 from editors.solver import SolverError, solve
+from editors.targets import TargetCache
 
 __all__ = [
     "ALGORITHMS", "Delta", "Hparams", "SecondMoment", "SolverError", "edit", "layer_stats", "load_preset",
-    "partial_stats", "reduce_stats", "shard_texts", "solve",
+    "partial_stats", "reduce_stats", "shard_texts", "solve", "TargetCache",
 ]
 
 
 def edit(
     model: nn.Module, tok, requests: Sequence[Mapping[str, Any]], algorithm: str = "memit",
     hparams: Hparams | Mapping[str, Any] | str | None = None, stats: Stats = None,
-    cache_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None, target_cache: TargetCache | None = None,
 ) -> Delta:
     """Compute the edit of `requests` (mappings with prompt, subject, target_new) as a Delta; the
     model is left exactly as it was. `hparams`: None for the model's preset, a preset model name,
     a mapping of overrides, or Hparams. `stats`: per-layer SecondMoment (or C) or a corpus (path
-    or list of texts) to compute them from, cached in `cache_dir`; `ft` needs none."""
+    or list of texts) to compute them from, cached in `cache_dir`; `ft` needs none. `target_cache`:
+    optimised targets are read from and written to it (batch algorithms; see TargetCache)."""
     algo = get_algorithm(algorithm)
     hp = resolve(algorithm, model, hparams)
-    return algo.run(model, tok, normalise_requests(requests), hp, stats, cache_dir)
+    return algo.run(model, tok, normalise_requests(requests), hp, stats, cache_dir, target_cache)

@@ -26,7 +26,7 @@ from editors.hparams import Hparams
 from editors.keys import Request, context_prefixes, eval_mode
 from editors.solver import Constraint, null_space_projector, solve
 from editors.spreading import spread
-from editors.targets import PromptChunk, build_prompts, compute_targets, length_groups
+from editors.targets import PromptChunk, TargetCache, build_prompts, cached_targets, length_groups
 
 Stats = Mapping[int, SecondMoment | torch.Tensor] | Corpus | None
 
@@ -39,18 +39,21 @@ class Algorithm:
     sequential: bool = False  # ROME: one request at a time
 
     def run(self, model: nn.Module, tok, requests: Sequence[Request], hp: Hparams, stats: Stats,
-            cache_dir: str | Path | None = None) -> Delta:
+            cache_dir: str | Path | None = None, target_cache: TargetCache | None = None) -> Delta:
         prefixes = context_prefixes(model, tok, hp.context_spec, hp.seed)
         if self.constraint is None:
             delta = fine_tune(model, tok, requests, hp, prefixes)
         else:
             solve_layer = self._layer_solver(model, tok, hp, stats, cache_dir)
             batches = [[r] for r in requests] if self.sequential else [list(requests)]
+            # ROME's later requests are optimised against the earlier ones' updates, weights that no
+            # key of the cache names: only batch algorithms read and fill it.
+            cache = None if self.sequential else target_cache
             delta = Delta({})
             for batch in batches:
                 # Later requests of a sequential run see the earlier updates (through hooks).
                 with delta.overlaid(model):
-                    part = edit_batch(model, tok, batch, hp, prefixes, solve_layer)
+                    part = edit_batch(model, tok, batch, hp, prefixes, solve_layer, cache)
                 for layer, (U, V) in part.factors.items():
                     delta.add_factors(layer, U, V)
         delta.algorithm = self.name
@@ -119,11 +122,12 @@ def resolve_stats(model: nn.Module, tok, hp: Hparams, stats: Stats,
 
 
 def edit_batch(model: nn.Module, tok, requests: Sequence[Request], hp: Hparams, prefixes: Sequence[str],
-               solve_layer: Callable) -> Delta:
-    """Targets at the last edited layer for the whole batch, then the spread update."""
+               solve_layer: Callable, target_cache: TargetCache | None = None) -> Delta:
+    """Targets at the last edited layer for the whole batch (those `target_cache` holds are read from
+    it), then the spread update."""
     top = max(hp.layers)
-    t = compute_targets(
-        model, tok, requests, top, prefixes, v_num_grad_steps=hp.v_num_grad_steps, v_lr=hp.v_lr,
+    t = cached_targets(
+        model, tok, requests, top, prefixes, target_cache, v_num_grad_steps=hp.v_num_grad_steps, v_lr=hp.v_lr,
         v_weight_decay=hp.v_weight_decay, kl_factor=hp.kl_factor, clamp_norm_factor=hp.clamp_norm_factor,
         fact_token=hp.fact_token, chunk_size=hp.chunk_size,
     )

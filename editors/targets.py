@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from editors.adapters import adapter_for
@@ -240,6 +246,68 @@ def compute_targets(
                 delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))[:, None])
     return Targets(delta=delta.detach().T.contiguous(), h=h, loss=loss, steps=steps)
 
+
+
+class TargetCache:
+    """Optimised targets kept per request in a directory of safetensors files, so runs that edit the
+    same requests into the same weights optimise each target once: the first batch of every algorithm
+    in a comparison (`engramflow demo`), every point of a solver sweep (mom2_update_weight, λ), a
+    rerun. MEMIT's reference code keeps its targets per case for the same reason.
+
+    Valid across batches because each request's δ is optimised on its own prompts only (see the
+    module docstring): a target cached from a batch of 50 is the one that request gets alone. The
+    key covers everything the optimisation reads; `model_key` names the exact weights (a model
+    version id in the pipeline) and is the caller's promise that equal keys mean equal weights."""
+
+    def __init__(self, root: str | os.PathLike[str], model_key: str) -> None:
+        self.root = Path(root)
+        self.model_key = model_key
+
+    def key(self, request: Request, layer: int, prefixes: Sequence[str], settings: dict[str, Any]) -> str:
+        text = json.dumps([self.model_key, layer, list(prefixes), sorted(settings.items()),
+                           request.prompt, request.subject, request.target_new])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        path = self._path(key)
+        return load_file(path) if path.exists() else None
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written aside and renamed, so a killed run never leaves a half-written target behind.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+
+
+def cached_targets(model: nn.Module, tok, requests: Sequence[Request], layer: int, prefixes: Sequence[str],
+                   cache: TargetCache | None, *, chunk_size: int = 512, **settings: Any) -> Targets:
+    """`compute_targets` for the requests `cache` does not hold yet; the rest are read from it.
+    `settings` are compute_targets' optimisation settings (they are part of the key); `steps` counts
+    the optimisation steps this call took (0 when every target was cached)."""
+    if cache is None:
+        return compute_targets(model, tok, requests, layer, prefixes, chunk_size=chunk_size, **settings)
+    keys = [cache.key(r, layer, prefixes, settings) for r in requests]
+    found = {i: hit for i, k in enumerate(keys) if (hit := cache.get(k)) is not None}
+    missing = [i for i in range(len(requests)) if i not in found]
+    steps = 0
+    if missing:
+        fresh = compute_targets(model, tok, [requests[i] for i in missing], layer, prefixes,
+                                chunk_size=chunk_size, **settings)
+        steps = fresh.steps
+        for j, i in enumerate(missing):
+            found[i] = {"delta": fresh.delta[:, j], "h": fresh.h[:, j], "loss": fresh.loss[j:j + 1]}
+            cache.put(keys[i], found[i])
+    device = next(model.parameters()).device
+    column = [found[i] for i in range(len(requests))]
+    return Targets(delta=torch.stack([c["delta"] for c in column], 1).to(device),
+                   h=torch.stack([c["h"] for c in column], 1).to(device),
+                   loss=torch.cat([c["loss"] for c in column]).to(device), steps=steps)
 
 @dataclass
 class PromptChunk:

@@ -9,6 +9,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from engramflow import home
 from engramflow.ledger import (
     Version,
     batch_version_id,
@@ -17,6 +18,7 @@ from engramflow.ledger import (
     materialize,
     record_version,
     save_delta,
+    weights_key,
     write_edit_rows,
 )
 from storage import Store
@@ -41,7 +43,11 @@ def edit_batch(run_id: str, batch_index: int, parent: Version, request_ids: list
         requests = fetch_requests(store, request_ids)
         stats = load_moments(store, stats_keys) if stats_keys else None
         start = time.perf_counter()
-        delta = editors.edit(model, tok, requests, algorithm=algorithm, hparams=hparams, stats=stats)
+        # Targets are kept per request under the home: the first batch of each run that starts from the
+        # same weights (every algorithm of `engramflow demo`, every point of a sweep) optimises them once.
+        cache = editors.TargetCache(home.get_home() / "cache" / "targets", weights_key(parent))
+        delta = editors.edit(model, tok, requests, algorithm=algorithm, hparams=hparams, stats=stats,
+                             target_cache=cache)
         delta.meta["seconds"] = time.perf_counter() - start
         delta.meta["batch_index"] = batch_index
         version = record_version(store, version_id, parent, [save_delta(store, delta)], run_id,

@@ -139,6 +139,45 @@ def test_targets_read_the_tokens_before_the_fact_token_from_a_cache(model, tok) 
     assert alone.delta.norm() > 0
 
 
+
+def test_cached_targets_are_optimised_once_per_request_and_weights(model, tok, tmp_path) -> None:
+    """A target is cached per request, so a later batch that shares requests with an earlier one (the
+    first batch of another algorithm, a solver sweep) optimises only the new ones, and gets the same
+    targets it would get without the cache; other weights (another model key) recompute."""
+    from editors.targets import TargetCache, cached_targets
+
+    reqs = normalise_requests(REQUESTS)
+    kw = dict(v_num_grad_steps=8, v_lr=0.5, v_weight_decay=0.5, kl_factor=0.0625, clamp_norm_factor=4.0)
+    prefixes = ["", "The cat sat. "]
+    cache = TargetCache(tmp_path, "weights-1")
+    first = cached_targets(model, tok, reqs[:2], 1, prefixes, cache, **kw)
+    assert first.steps > 0 and len(list(tmp_path.rglob("*.safetensors"))) == 2
+    again = cached_targets(model, tok, reqs[1::-1], 1, prefixes, cache, **kw)  # same requests, other order
+    assert again.steps == 0
+    torch.testing.assert_close(again.delta, first.delta.flip(1))
+    mixed = cached_targets(model, tok, reqs, 1, prefixes, cache, **kw)  # two cached, one new
+    fresh = compute_targets(model, tok, reqs, 1, prefixes, **kw)
+    assert mixed.steps > 0
+    for got, want in ((mixed.delta, fresh.delta), (mixed.h, fresh.h), (mixed.loss, fresh.loss)):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+    assert cached_targets(model, tok, reqs[:1], 1, prefixes, cache, **{**kw, "v_lr": 0.25}).steps > 0
+    assert cached_targets(model, tok, reqs[:1], 1, prefixes, TargetCache(tmp_path, "weights-2"), **kw).steps > 0
+
+
+def test_a_solver_sweep_reads_its_targets_from_the_cache(model, tok, stats, tmp_path) -> None:
+    """editors.edit with a target cache: a second MEMIT weight reuses the first run's targets and
+    gives the update a cold run with that weight gives."""
+    hp = {**TAKES, "layers": [1]}
+    cache = editors.TargetCache(tmp_path, "weights-1")
+    editors.edit(model, tok, REQUESTS[:2], algorithm="memit", hparams=hp, stats=stats, target_cache=cache)
+    written = {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*.safetensors")}
+    assert len(written) == 2
+    sweep = {**hp, "mom2_update_weight": 10.0}
+    warm = editors.edit(model, tok, REQUESTS[:2], algorithm="memit", hparams=sweep, stats=stats, target_cache=cache)
+    cold = editors.edit(model, tok, REQUESTS[:2], algorithm="memit", hparams=sweep, stats=stats)
+    assert {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*.safetensors")} == written
+    torch.testing.assert_close(warm.matrix(1), cold.matrix(1), rtol=1e-3, atol=1e-5)
+
 def test_length_groups_bound_padding_and_rows() -> None:
     lengths = [2, 9, 3, 2, 8, 9, 2, 3, 4, 9, 2, 2]
     groups = length_groups(list(range(len(lengths))), lengths, max_rows=4)
