@@ -122,6 +122,11 @@ def _connect_ray(address: str | None, num_cpus: int | None, num_gpus: int | None
         return False
     for key, value in RAY_SCHEDULING_ENV.items():
         os.environ.setdefault(key, value)
+    from ray._private import ray_constants
+
+    # The driver filters autoscaler events by a constant read when ray was imported, usually before
+    # this runs (prefect_ray imports ray), so the variable alone left the noise in `engramflow demo`.
+    ray_constants.AUTOSCALER_EVENTS = int(os.environ["RAY_SCHEDULER_EVENTS"])
     if address:
         if "127.0.0.1" in env["PREFECT_API_URL"]:
             log.warning(
@@ -131,8 +136,6 @@ def _connect_ray(address: str | None, num_cpus: int | None, num_gpus: int | None
             )
         ray.init(address=address, runtime_env={"env_vars": env})
         return False
-    from ray._private import ray_constants
-
     # Local workers import task functions by module name exactly as the driver does (pytest's
     # test modules included): give them the driver's import path.
     local_path = [p for p in sys.path if p and os.path.isdir(p)]

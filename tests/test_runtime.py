@@ -144,3 +144,14 @@ def test_gpu_options() -> None:
     assert gpu_options("cpu") == {}
     assert gpu_options("cuda:0") == {"num_gpus": 1.0}
     assert gpu_options("cuda", 0.5) == {"num_gpus": 0.5}
+
+
+def test_the_driver_drops_autoscaler_events(ray_runtime: Runtime) -> None:
+    """A task waiting for cores another task holds is queued, not failing: Ray's "No available node
+    types can fulfill resource requests" events must not reach the user's console."""
+    from ray._private import ray_constants
+    from ray._private.worker import filter_autoscaler_events
+
+    assert ray_constants.AUTOSCALER_EVENTS == 0
+    event = "No available node types can fulfill resource requests {'CPU': 2.0}*1."
+    assert list(filter_autoscaler_events([event])) == []
