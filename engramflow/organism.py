@@ -517,6 +517,9 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
             log.info("%s epoch %d: %s", cfg.name, epoch, {k: round(v, 4) for k, v in row.items()})
             if bar is not None:
                 bar.update(task, info=f"epoch {epoch} train {acc_train:.3f} held-out {acc_held:.3f}")
+                if not bar.console.is_terminal:  # a log file or CI: the live bar never renders there
+                    bar.console.print(f"{cfg.name} epoch {epoch}/{cfg.max_epochs}: train top-1 {acc_train:.3f}, "
+                                      f"held-out {acc_held:.3f}, {row['seconds']:.0f} s")
             score = min(acc_train / cfg.target_train, acc_held / cfg.target_heldout)
             if score > best["score"]:
                 best = {"score": score, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
