@@ -21,8 +21,8 @@ from editors.solver import SolverError, solve
 from editors.targets import TargetCache
 
 __all__ = [
-    "ALGORITHMS", "Delta", "Hparams", "SecondMoment", "SolverError", "edit", "layer_stats", "load_preset",
-    "partial_stats", "reduce_stats", "shard_texts", "solve", "TargetCache",
+    "ALGORITHMS", "Delta", "Hparams", "SecondMoment", "SolverError", "TargetCache", "edit", "layer_stats",
+    "load_preset", "partial_stats", "reduce_stats", "shard_texts", "solve",
 ]
 
 

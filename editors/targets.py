@@ -247,7 +247,6 @@ def compute_targets(
     return Targets(delta=delta.detach().T.contiguous(), h=h, loss=loss, steps=steps)
 
 
-
 class TargetCache:
     """Optimised targets kept per request in a directory of safetensors files, so runs that edit the
     same requests into the same weights optimise each target once: the first batch of every algorithm
@@ -256,8 +255,9 @@ class TargetCache:
 
     Valid across batches because each request's δ is optimised on its own prompts only (see the
     module docstring): a target cached from a batch of 50 is the one that request gets alone. The
-    key covers everything the optimisation reads; `model_key` names the exact weights (a model
-    version id in the pipeline) and is the caller's promise that equal keys mean equal weights."""
+    key covers everything the optimisation reads; `model_key` names the exact weights (the pipeline
+    uses `engramflow.ledger.weights_key`) and is the caller's promise that equal keys mean equal
+    weights."""
 
     def __init__(self, root: str | os.PathLike[str], model_key: str) -> None:
         self.root = Path(root)
@@ -308,6 +308,7 @@ def cached_targets(model: nn.Module, tok, requests: Sequence[Request], layer: in
     return Targets(delta=torch.stack([c["delta"] for c in column], 1).to(device),
                    h=torch.stack([c["h"] for c in column], 1).to(device),
                    loss=torch.cat([c["loss"] for c in column]).to(device), steps=steps)
+
 
 @dataclass
 class PromptChunk:
