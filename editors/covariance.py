@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from editors.files import save_atomic
 from editors.keys import capture_mlp_inputs, eval_mode, pad_batch, run_until_stop
 
 Corpus = str | Path | Sequence[str]
@@ -173,8 +174,5 @@ def layer_stats(
             out[layer] = s
             path = path_for(layer)
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.tmp")
-                save_file({"sum_kk": s.sum_kk.contiguous(), "n": torch.tensor([s.n])}, str(tmp))
-                tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+                save_atomic({"sum_kk": s.sum_kk, "n": torch.tensor([s.n])}, path)
     return out

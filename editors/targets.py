@@ -17,7 +17,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from editors.adapters import adapter_for
+from editors.covariance import model_fingerprint
+from editors.files import save_atomic
 from editors.keys import (
     Request,
     RequestError,
@@ -255,16 +256,17 @@ class TargetCache:
 
     Valid across batches because each request's δ is optimised on its own prompts only (see the
     module docstring): a target cached from a batch of 50 is the one that request gets alone. The
-    key covers everything the optimisation reads; `model_key` names the exact weights (the pipeline
-    uses `engramflow.ledger.weights_key`) and is the caller's promise that equal keys mean equal
-    weights."""
+    key covers everything the optimisation reads: the weights (`model_fingerprint`, as the
+    statistics cache; updates overlaid through hooks are not weights, so ROME's later requests never
+    use the cache), layer, settings, prefixes and the request."""
 
-    def __init__(self, root: str | os.PathLike[str], model_key: str) -> None:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        self.model_key = model_key
 
-    def key(self, request: Request, layer: int, prefixes: Sequence[str], settings: dict[str, Any]) -> str:
-        text = json.dumps([self.model_key, layer, list(prefixes), sorted(settings.items()),
+    @staticmethod
+    def key(fingerprint: str, request: Request, layer: int, prefixes: Sequence[str], settings: dict[str, Any],
+            ) -> str:
+        text = json.dumps([fingerprint, layer, list(prefixes), sorted(settings.items()),
                            request.prompt, request.subject, request.target_new])
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -276,13 +278,7 @@ class TargetCache:
         return load_file(path) if path.exists() else None
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written aside and renamed, so a killed run never leaves a half-written target behind.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
+        save_atomic(tensors, self._path(key))
 
 
 def cached_targets(model: nn.Module, tok, requests: Sequence[Request], layer: int, prefixes: Sequence[str],
@@ -292,7 +288,8 @@ def cached_targets(model: nn.Module, tok, requests: Sequence[Request], layer: in
     the optimisation steps this call took (0 when every target was cached)."""
     if cache is None:
         return compute_targets(model, tok, requests, layer, prefixes, chunk_size=chunk_size, **settings)
-    keys = [cache.key(r, layer, prefixes, settings) for r in requests]
+    fingerprint = model_fingerprint(model)
+    keys = [cache.key(fingerprint, r, layer, prefixes, settings) for r in requests]
     found = {i: hit for i, k in enumerate(keys) if (hit := cache.get(k)) is not None}
     missing = [i for i in range(len(requests)) if i not in found]
     steps = 0

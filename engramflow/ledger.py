@@ -110,21 +110,6 @@ def load_delta(store: Store, key: str) -> Any:
     return Delta.from_tensors(store.get_tensors(key), store.tensor_metadata(key))
 
 
-def weights_key(version: Version) -> str:
-    """A name for the exact weights `materialize(version)` gives: the resolved base model with its
-    weight files' sizes and modification times (a model rebuilt or replaced in place gets a new name),
-    the deltas in order and the expert bank. Keys caches of what those weights compute (targets)."""
-    from pathlib import Path
-
-    from engramflow.organism import resolve_model
-
-    base = resolve_model(version.base_model)
-    files = (sorted(Path(base).glob("*.safetensors")) + sorted(Path(base).glob("*.bin"))) if Path(base).is_dir() else []
-    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    text = json.dumps([base, stamp, list(version.delta_keys), version.bank_key])
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def materialize(store: Store, version: Version | str, device: str = "cpu") -> tuple[Any, Any]:
     """Load the base model of `version`, apply its deltas in order and attach its expert bank:
     (model, tokenizer)."""

@@ -18,7 +18,6 @@ from engramflow.ledger import (
     materialize,
     record_version,
     save_delta,
-    weights_key,
     write_edit_rows,
 )
 from storage import Store
@@ -45,7 +44,7 @@ def edit_batch(run_id: str, batch_index: int, parent: Version, request_ids: list
         start = time.perf_counter()
         # Targets are kept per request under the home: the first batch of each run that starts from the
         # same weights (every algorithm of `engramflow demo`, every point of a sweep) optimises them once.
-        cache = editors.TargetCache(home.get_home() / "cache" / "targets", weights_key(parent))
+        cache = editors.TargetCache(home.get_home() / "cache" / "targets")
         delta = editors.edit(model, tok, requests, algorithm=algorithm, hparams=hparams, stats=stats,
                              target_cache=cache)
         delta.meta["seconds"] = time.perf_counter() - start
