@@ -13,14 +13,16 @@ Design (see `../shared/ORGANISM.md` for the prototype's lessons):
 - Training sequences: each epoch shuffles the statements and packs two per sequence, joined by a
   space, a newline or `<|endoftext|>`, so facts are seen at position 0 (bare prompts), after other
   text (ROME-style context prefixes) and after the end-of-text token (generated prefixes).
-- Model: Llama architecture (rotary positions, RMSNorm, gated MLP), 4 layers x 256, 4 heads, a
-  wide MLP (intermediate 2048 = 8 x hidden) so that the keys of many edited subjects are nearly
-  orthogonal at the edited layer, as in real models whose d_mlp is in the thousands; the
-  prototype's width-128 MLP could not take a batch of 30 edits without breaking unrelated facts.
-  Vocabulary 2048, no dropout. GPT-2 (`architecture="gpt2"`) remains available; its learned
-  absolute positions enter the residual stream, so its layer-0 keys differ with where the subject
-  stands (see below).
-- Optimisation: AdamW (lr 2e-3, batch 16 sequences), linear warm-up then cosine decay to 5%;
+- Model: Llama architecture (rotary positions, RMSNorm, gated MLP), 2 layers x 256, 4 heads, MLP
+  intermediate 1024 (4 x hidden, as GPT-2's), vocabulary 2048, no dropout: 2.4 M parameters. Two
+  layers are what the facts need (layer 0's MLP looks them up at the subject's last token, layer
+  1's attention carries them to the last position), and the build is a step of `make demo`. The
+  first default (4 layers, MLP 2048, 7.6 M parameters) took 26 min to build on both cores and made
+  every edit 3x slower (see "Measured" below). The MLP stays wider than the prototype's 128, whose
+  keys could not take a batch of 30 edits without breaking unrelated facts.
+  GPT-2 (`architecture="gpt2"`) remains available; its learned absolute positions enter the
+  residual stream, so its layer-0 keys differ with where the subject stands (see below).
+- Optimisation: AdamW (lr 3e-3, batch 16 sequences), linear warm-up then cosine decay to 5%;
   after each epoch a sample of prompts is evaluated and the best epoch kept (the checkpoint);
   training stops once train/held-out top-1 reach 0.985/0.90, else after `max_epochs`.
 - Threads: as many as there are idle cores (`idle_threads`): on an oversubscribed CPU two OpenMP
@@ -70,10 +72,21 @@ facts (2,080 training / 1,040 held-out prompts, 30 k tokens per epoch):
   models' subject representations barely depend on the words before the subject. With it the
   paraphrase keys received 0.6-1.1 of the change instead of about 0. It also helped the model:
   1.00 train / 0.995 held-out top-1 (tiny) against 0.98 / 0.87 without.
-  Default organism as built now (Llama, 4 x 256, 7.6 M parameters): 0.982 train / 0.868 held-out
+  The first Llama default (4 x 256, MLP 2048, 7.6 M parameters): 0.982 train / 0.868 held-out
   at epoch 44 of 45 (targets not reached), 2,327 s on one core while the other was busy (428
   tokens/s). Tracing: MLP effect 0.676 at the last subject token of layer 0, 0.01-0.03 in the
   other layers there, and a late site at the last position (0.307, layer 3).
+The default as built now (2 x 256, MLP 1024, 2.4 M parameters), idle 2-core machine, both threads:
+  0.972 train / 0.867 held-out top-1 (best epoch 41 of 45), 583 s at 1,712 tokens/s. The first ~17
+  epochs are a plateau (top-1 about 0.1), then it climbs 0.05-0.1 per epoch. Single edits on the
+  first 50 people with the organism presets: ROME ES/PS/NS 0.96/0.95/1.00, MEMIT 0.94/0.95/1.00,
+  EMMET 0.96/0.95/1.00, at about 1.3 s an edit (the 4-layer model: 2-3 s).
+  Searching for a cheaper build (1 thread each, two at once): 3 x 256 with MLP 1024 at lr 3e-3 over
+  30 epochs ended at 0.42 / 0.23 (the cosine decay comes before the plateau ends); lr 5e-3 was still
+  on the plateau at epoch 17; batches of 8 did not shorten it; names shared by about 2 people instead
+  of 9 (`generate_world(name_pool=75)`) ended it at epoch 12 instead of 15; without the interchange
+  loss it ended at epoch 8 but reached only 0.37 after 15. The plateau is the cost; a smaller model
+  runs each epoch faster.
 Every build records its own numbers (accuracies, epochs, tokens/s, seconds, history) in
 `organism.json` beside the weights.
 """
@@ -128,13 +141,13 @@ class OrganismConfig:
     name: str = "organism"
     vocab_size: int = 2048
     n_embd: int = 256
-    n_layer: int = 4
+    n_layer: int = 2
     n_head: int = 4
-    n_inner: int = 2048
+    n_inner: int = 1024
     n_positions: int = 128
     statements_per_sequence: int = 2
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.01
     warmup_steps: int = 50
     max_epochs: int = 45

@@ -247,16 +247,19 @@ def generate_world(
     n_countries: int = 16,
     n_languages: int = 14,
     n_continents: int = 6,
+    name_pool: int | None = None,
 ) -> World:
     """A seeded world: `n_subjects` people with `relations_per_person` facts each, companies with
-    headquarters, cities and countries with continents. Same seed, same world."""
+    headquarters, cities and countries with continents. Same seed, same world. People's names
+    recombine `name_pool` first and `name_pool` last names (default about sqrt(2 n_subjects), so
+    each is shared by several people)."""
     rng = random.Random(seed)
     taken: set[str] = set()
     cities = _words(rng, n_cities, (2, 3), taken)
     countries = [w + rng.choice(("ia", "land", "stan", "ora")) for w in _words(rng, n_countries, (1, 2), taken)]
     languages = [w + rng.choice(("ish", "ic", "ese", "i")) for w in _words(rng, n_languages, (1, 2), taken)]
     continents = _words(rng, n_continents, (2, 3), taken)
-    n_first = max(4, round((2 * n_subjects) ** 0.5))
+    n_first = name_pool or max(4, round((2 * n_subjects) ** 0.5))
     firsts = _words(rng, n_first, (1, 2), taken)
     lasts = _words(rng, n_first, (2, 2), taken)
     people = _pairs(rng, firsts, lasts, n_subjects)
