@@ -1,7 +1,7 @@
 """SCEN bench: storage and training time per expert (compact vs full), inference latency against the
 unedited model with 10, 100 and 1,000 experts, and (`--edits N`) the quality of N sequential edits.
 
-    python bench/scen.py --model organism --layer 2 --edits 200
+    python bench/scen.py --model organism --edits 200
 
 Quality is teacher-forced top-1 of every target token (`editors.scen.target_correct`, the zsRE
 protocol), routing read at the last prompt token as `generate` would: reliability on the edit
@@ -43,6 +43,7 @@ from editors.scen import (
     target_correct,
     train_expert,
 )
+from editors.scen.config import default_layer
 from engramflow import home
 
 console = Console(width=150)
@@ -230,7 +231,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="organism", help="organism, organism-tiny or a model directory")
     parser.add_argument("--world", default="world", help="world, world-tiny or a CounterFact export of a world")
-    parser.add_argument("--layer", type=int, default=2)
+    parser.add_argument("--layer", type=int, default=None, help="edited layer (default: SCEN's default_layer)")
     parser.add_argument("--rank", type=int, default=ScenConfig.rank)
     parser.add_argument("--experts", type=int, default=20, help="requests for the storage/time/latency part")
     parser.add_argument("--edits", type=int, default=0, help="sequential edits for the quality part (0: skip)")
@@ -247,6 +248,8 @@ def main() -> None:
     console.print(f"model {args.model}: {adapter_for(model).model_type}, {adapter_for(model).n_layers(model)} layers, "
                   f"d_model {adapter_for(model).d_model(model)}, d_mlp {adapter_for(model).d_mlp(model)}; "
                   f"torch threads {torch.get_num_threads()}")
+    if args.layer is None:
+        args.layer = default_layer(adapter_for(model).n_layers(model))
     requests = _requests(args.experts + max(args.edits, 0) + args.unrelated, args.world)
     experts = bench_experts(model, tok, requests[: args.experts], args.layer, config)
     bank = ExpertBank.for_model(model, args.layer, config)
