@@ -59,6 +59,19 @@ def test_names_are_confusable() -> None:
     assert min(lasts.count(x) for x in lasts) >= 2
 
 
+def test_a_larger_name_pool_makes_names_less_shared() -> None:
+    """`name_pool` sets how many first and last names people are recombined from."""
+    def most_shared_last_name(world: World) -> int:
+        lasts = [s.split()[1] for s in {f.subject for f in world.facts if f.subject_kind == "person"}]
+        return max(lasts.count(x) for x in lasts)
+
+    wide = generate_world(seed=0, name_pool=75)
+    people = {f.subject for f in wide.facts if f.subject_kind == "person"}
+    assert len(people) == 150
+    assert len({p.split()[0] for p in people}) <= 75 and len({p.split()[1] for p in people}) <= 75
+    assert most_shared_last_name(wide) < most_shared_last_name(default_world())
+
+
 def test_counterfact_export(tiny_world: World, tmp_path: Path) -> None:
     path = tiny_world.write_counterfact(tmp_path / "world.json")
     records = json.loads(path.read_text())
