@@ -84,13 +84,14 @@ The default as built now (2 x 256, MLP 1024, 2.4 M parameters), idle 2-core mach
   people: ROME ES/PS/NS 0.96/0.95/1.00, MEMIT (weight 100) 0.94/0.95/1.00, EMMET (300, lambda 0.1)
   0.96/0.95/1.00, at about 1.3 s an edit (the 4-layer model: 2-3 s); the presets' headers hold the
   rest.
-  Searching for a cheaper build (1 thread each, two at once): 3 x 256 with MLP 1024 at lr 3e-3 over
-  30 epochs ended at 0.42 / 0.23 (the cosine decay comes before the plateau ends); lr 5e-3 was still
-  on the plateau at epoch 17; batches of 8 did not shorten it; names shared by about 2 people instead
-  of 9 (`generate_world(name_pool=75)`) ended it at epoch 12 instead of 15; without the interchange
-  loss it ended at epoch 8 but reached only 0.37 after 15; with it switched off for the first 8
-  epochs, 0.33 at epoch 23 against 0.52. So the plateau is not only name binding, and it is the
-  cost: a smaller model runs each epoch faster, nothing tried here made it shorter.
+  Searching for a cheaper build: 3 x 256 with MLP 1024 at lr 3e-3 over 30 epochs (alone, 2 threads)
+  ended at 0.42 / 0.23 (the cosine decay comes before the plateau ends). Then 1 thread each, two at
+  once, same 3-layer model: lr 5e-3 was still on the plateau at epoch 17; batches of 8 did not
+  shorten it; names shared by about 2 people instead of 9 (`generate_world(name_pool=75)`) ended it
+  at epoch 12 instead of 15; without the interchange loss it ended at epoch 8 but reached only 0.37
+  after 15. On the 2-layer default, the interchange loss switched off for the first 8 epochs gave
+  0.33 at epoch 23 against 0.52. So the plateau is not only name binding, and it is the cost: a
+  smaller model runs each epoch faster, nothing tried here made it shorter.
 Every build records its own numbers (accuracies, epochs, tokens/s, seconds, history) in
 `organism.json` beside the weights.
 """
