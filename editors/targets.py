@@ -7,7 +7,9 @@ to clamp_norm_factor · ‖h_r‖. The batch loss is Σ_r loss_r: each δ_r only
 and Adam is element-wise, so every row follows the same path as it would alone.
 
 Tokens before a prompt's fact token never see δ (attention is causal), so their keys and values are
-computed once and cached; every step runs only the tokens from the fact token on.
+computed once and cached; every step runs only the tokens from the fact token on. Blocks up to the
+edited layer never see δ either (it is added at that block's output), so their output at those
+tokens is recorded once and replayed: a step runs only the blocks after the edited layer.
 """
 
 from __future__ import annotations
@@ -208,11 +210,12 @@ def compute_targets(
                 chunks, built_for = chunks_for(~done), done.clone()
                 for c in chunks:
                     c.cache_prefix(model)
+                    c.record_blocks(model, layer)
             nll = torch.zeros(n, device=device)
             kl = torch.zeros(n, device=device)
             grad = torch.zeros_like(delta)
             for c in chunks:
-                with add_at_positions(model, layer, c.rows, c.fact_pos, delta[c.owner]):
+                with c.replaying(model), add_at_positions(model, layer, c.rows, c.fact_pos, delta[c.owner]):
                     hidden = c.final_hidden(model)
                 # NLL per rewrite sequence (mean over its target tokens), averaged per request.
                 logp = unembed(hidden[c.t_seq, c.t_pos]).float().log_softmax(-1)
@@ -330,6 +333,9 @@ class PromptChunk:
     prefix_ids: torch.Tensor | None = None
     prefix_mask: torch.Tensor | None = None
     prefix_cache: Any = None
+    # Blocks 0..replay_layer's output at the chunk's tokens (see `record_blocks`), replayed in `replaying`.
+    replay_layer: int | None = None
+    replay_output: Any = None
 
     @classmethod
     def build(cls, p: Prompts, idx: Sequence[int], device: torch.device, split_at_fact: bool = False) -> PromptChunk:
@@ -373,6 +379,41 @@ class PromptChunk:
             self.prefix_cache = model.base_model(input_ids=self.prefix_ids, attention_mask=self.prefix_mask,
                                                  use_cache=True).past_key_values
 
+    @torch.no_grad()
+    def record_blocks(self, model: nn.Module, layer: int) -> None:
+        """Record block `layer`'s output at the chunk's tokens, from the model as it is now and without δ
+        (call it outside the hook that adds δ, after `cache_prefix`). Nothing up to that output depends
+        on δ, so `replaying` can stand in for blocks 0..layer on every later step."""
+        captured = {}
+
+        def capture(_module, _args, output):
+            captured["output"] = output
+
+        handle = adapter_for(model).block(model, layer).register_forward_hook(capture)
+        try:
+            self.final_hidden(model)
+        finally:
+            handle.remove()
+        self.replay_layer, self.replay_output = layer, captured["output"]
+
+    @contextlib.contextmanager
+    def replaying(self, model: nn.Module) -> Iterator[None]:
+        """Within: blocks 0..replay_layer of `model` return the recorded output instead of computing
+        it (a no-op before `record_blocks`). Hooks registered inside on block `replay_layer` (such as
+        the one adding δ) act on the replayed output."""
+        if self.replay_layer is None:
+            yield
+            return
+        blocks = model.get_submodule(adapter_for(model).blocks)
+        originals = [blocks[i] for i in range(self.replay_layer + 1)]
+        try:
+            for i, block in enumerate(originals):
+                blocks[i] = _Replay(block, self.replay_output)
+            yield
+        finally:
+            for i, block in enumerate(originals):
+                blocks[i] = block
+
     def final_hidden(self, model: nn.Module) -> torch.Tensor:
         """The base model's last hidden state (final norm applied) at the chunk's tokens: logits are
         then taken only where they are scored, instead of [sequences, length, vocab] for the batch."""
@@ -383,3 +424,23 @@ class PromptChunk:
         # A copy: the forward appends the chunk's own keys and values to the cache it is given.
         return model.base_model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position_ids,
                                 past_key_values=copy.deepcopy(self.prefix_cache), use_cache=True).last_hidden_state
+
+
+class _Replay(nn.Module):
+    """Stands in for a transformer block: returns a recorded block output, whatever its input. Other
+    attributes (a block's `attention_type`, read by some model loops) come from the block it replaces,
+    which stays unregistered here so the model's parameters do not change."""
+
+    def __init__(self, block: nn.Module, output: Any) -> None:
+        super().__init__()
+        self.__dict__["_replaced"] = block
+        self.__dict__["_output"] = output
+
+    def forward(self, *_args: Any, **_kwargs: Any) -> Any:
+        return self._output
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_replaced"], name)
