@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from editors.algorithms import ALGORITHMS, Stats, get_algorithm
+from editors.algorithms import precompute_targets as _precompute_targets
 from editors.covariance import SecondMoment, layer_stats, partial_stats, reduce_stats, shard_texts
 from editors.delta import Delta
 from editors.hparams import Hparams, load_preset, resolve
@@ -22,7 +23,7 @@ from editors.targets import TargetCache
 
 __all__ = [
     "ALGORITHMS", "Delta", "Hparams", "SecondMoment", "SolverError", "TargetCache", "edit", "layer_stats",
-    "load_preset", "partial_stats", "reduce_stats", "shard_texts", "solve",
+    "load_preset", "partial_stats", "precompute_targets", "reduce_stats", "shard_texts", "solve",
 ]
 
 
@@ -39,3 +40,14 @@ def edit(
     algo = get_algorithm(algorithm)
     hp = resolve(algorithm, model, hparams)
     return algo.run(model, tok, normalise_requests(requests), hp, stats, cache_dir, target_cache)
+
+
+def precompute_targets(
+    model: nn.Module, tok, requests: Sequence[Mapping[str, Any]], target_cache: TargetCache,
+    algorithm: str = "memit", hparams: Hparams | Mapping[str, Any] | str | None = None,
+) -> int:
+    """Optimise into `target_cache` the targets `edit` would compute for `requests` on this model (so
+    shards of one batch can be optimised by separate workers before the edit); returns the steps
+    taken, 0 when all were cached or the algorithm has no batch targets (rome, ft)."""
+    hp = resolve(algorithm, model, hparams)
+    return _precompute_targets(model, tok, normalise_requests(requests), algorithm, hp, target_cache)

@@ -26,7 +26,7 @@ from editors.hparams import Hparams
 from editors.keys import Request, context_prefixes, eval_mode
 from editors.solver import Constraint, null_space_projector, solve
 from editors.spreading import spread
-from editors.targets import PromptChunk, TargetCache, build_prompts, cached_targets, length_groups
+from editors.targets import PromptChunk, TargetCache, Targets, build_prompts, cached_targets, length_groups
 
 Stats = Mapping[int, SecondMoment | torch.Tensor] | Corpus | None
 
@@ -121,16 +121,35 @@ def resolve_stats(model: nn.Module, tok, hp: Hparams, stats: Stats,
     return layer_stats(model, tok, hp.layers, stats, max_tokens=hp.mom2_n_tokens, cache_dir=cache_dir)
 
 
+def batch_targets(model: nn.Module, tok, requests: Sequence[Request], hp: Hparams, prefixes: Sequence[str],
+                  target_cache: TargetCache | None = None) -> Targets:
+    """Targets at the last edited layer for `requests` (those `target_cache` holds are read from it)."""
+    return cached_targets(
+        model, tok, requests, max(hp.layers), prefixes, target_cache, v_num_grad_steps=hp.v_num_grad_steps,
+        v_lr=hp.v_lr, v_weight_decay=hp.v_weight_decay, kl_factor=hp.kl_factor,
+        clamp_norm_factor=hp.clamp_norm_factor, fact_token=hp.fact_token, chunk_size=hp.chunk_size,
+    )
+
+
+def precompute_targets(model: nn.Module, tok, requests: Sequence[Request], algorithm: str, hp: Hparams,
+                       target_cache: TargetCache) -> int:
+    """Optimise into `target_cache` the targets that `Algorithm.run` on these weights would read for
+    `requests`; returns the optimisation steps taken (0 when all were cached). Each request's target
+    is optimised on its own prompts, so disjoint shards of a batch can be precomputed by separate
+    workers and the edit then only reads them. Nothing to do for algorithms without batch targets:
+    ROME's later requests are optimised against the earlier ones' updates, and FT has none."""
+    algo = get_algorithm(algorithm)
+    if algo.constraint is None or algo.sequential:
+        return 0
+    prefixes = context_prefixes(model, tok, hp.context_spec, hp.seed)
+    return batch_targets(model, tok, requests, hp, prefixes, target_cache).steps
+
+
 def edit_batch(model: nn.Module, tok, requests: Sequence[Request], hp: Hparams, prefixes: Sequence[str],
                solve_layer: Callable, target_cache: TargetCache | None = None) -> Delta:
     """Targets at the last edited layer for the whole batch (those `target_cache` holds are read from
     it), then the spread update."""
-    top = max(hp.layers)
-    t = cached_targets(
-        model, tok, requests, top, prefixes, target_cache, v_num_grad_steps=hp.v_num_grad_steps, v_lr=hp.v_lr,
-        v_weight_decay=hp.v_weight_decay, kl_factor=hp.kl_factor, clamp_norm_factor=hp.clamp_norm_factor,
-        fact_token=hp.fact_token, chunk_size=hp.chunk_size,
-    )
+    t = batch_targets(model, tok, requests, hp, prefixes, target_cache)
     return spread(model, tok, requests, hp.layers, t.h + t.delta, prefixes, solve_layer,
                   fact_token=hp.fact_token, batch_size=hp.chunk_size)
 

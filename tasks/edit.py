@@ -1,5 +1,6 @@
-"""Batched editing stage: compute one batch's delta on the parent version, store it, commit the
-new model version, then write the batch's `edits` rows."""
+"""Batched editing stage: optimise a batch's targets in shards (`optimise_targets`, one task per
+worker), then compute the batch's delta on the parent version, store it, commit the new model
+version and write the batch's `edits` rows (`edit_batch`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+import editors
 from engramflow import home
 from engramflow.ledger import (
     Version,
@@ -24,12 +26,33 @@ from storage import Store
 from tasks.stats import load_moments
 
 
+def target_cache() -> editors.TargetCache:
+    """Optimised targets, kept per request under the home: the first batch of each run that starts from
+    the same weights (every algorithm of `engramflow demo`, every point of a sweep) optimises them
+    once, and the shards of `optimise_targets` hand theirs to `edit_batch`."""
+    return editors.TargetCache(home.get_home() / "cache" / "targets")
+
+
+@task(name="optimise-targets", cache_policy=NO_CACHE)
+def optimise_targets(parent: Version, request_ids: list[str], algorithm: str, hparams: dict[str, Any] | None,
+                     device: str = "cpu") -> int:
+    """Optimise one shard of a batch's targets on `parent` into the target cache, where `edit_batch`
+    then reads them: requests are optimised independently, so the shards of a batch run on as many
+    workers as there are. Returns the optimisation steps taken (0: all cached)."""
+    from engramflow.runtime import use_assigned_cpus
+
+    use_assigned_cpus()
+    store = Store()
+    model, tok = materialize(store, parent, device=device)
+    return editors.precompute_targets(model, tok, fetch_requests(store, request_ids), target_cache(),
+                                      algorithm=algorithm, hparams=hparams)
+
+
 @task(name="edit-batch", cache_policy=NO_CACHE)
 def edit_batch(run_id: str, batch_index: int, parent: Version, request_ids: list[str], algorithm: str,
                hparams: dict[str, Any] | None, stats_keys: dict[int, str] | None, device: str = "cpu") -> Version:
-    """Edit `request_ids` into `parent`; return the committed version (the recorded one if this batch
+    """Edit `request_ids` into `parent` (reading the targets `optimise_targets` left in the cache); return the committed version (the recorded one if this batch
     was committed by an earlier, interrupted run: no edit is ever applied twice)."""
-    import editors
     from engramflow.runtime import use_assigned_cpus
 
     use_assigned_cpus()
@@ -42,11 +65,8 @@ def edit_batch(run_id: str, batch_index: int, parent: Version, request_ids: list
         requests = fetch_requests(store, request_ids)
         stats = load_moments(store, stats_keys) if stats_keys else None
         start = time.perf_counter()
-        # Targets are kept per request under the home: the first batch of each run that starts from the
-        # same weights (every algorithm of `engramflow demo`, every point of a sweep) optimises them once.
-        cache = editors.TargetCache(home.get_home() / "cache" / "targets")
         delta = editors.edit(model, tok, requests, algorithm=algorithm, hparams=hparams, stats=stats,
-                             target_cache=cache)
+                             target_cache=target_cache())
         delta.meta["seconds"] = time.perf_counter() - start
         delta.meta["batch_index"] = batch_index
         version = record_version(store, version_id, parent, [save_delta(store, delta)], run_id,

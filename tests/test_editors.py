@@ -127,11 +127,23 @@ def test_targets_read_the_tokens_before_the_fact_token_from_a_cache(model, tok) 
     delta = torch.randn(len(reqs), model.config.n_embd, generator=torch.Generator().manual_seed(0))
     read = []
     split.cache_prefix(model)
-    for c in (whole, split):
-        with add_at_positions(model, 1, c.rows, c.fact_pos, delta[c.owner]), torch.no_grad():
-            hidden = c.final_hidden(model)
-        read.append(torch.cat([hidden[c.t_seq, c.t_pos], hidden[c.kl_rows, c.kl_last]]))
+    replayed = PromptChunk.build(p, idx, torch.device("cpu"), split_at_fact=True)
+    replayed.cache_prefix(model)
+    replayed.record_blocks(model, 1)  # blocks 0 and 1 replayed: only block 2 runs
+    calls = []
+    blocks = [adapter_for(model).block(model, i) for i in range(3)]
+    handle = blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for c in (whole, split, replayed):
+            with c.replaying(model), add_at_positions(model, 1, c.rows, c.fact_pos, delta[c.owner]), torch.no_grad():
+                hidden = c.final_hidden(model)
+            read.append(torch.cat([hidden[c.t_seq, c.t_pos], hidden[c.kl_rows, c.kl_last]]))
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # block 0 computed for `whole` and `split`, replayed for `replayed`
+    assert [adapter_for(model).block(model, i) for i in range(3)] == blocks  # the blocks are back
     torch.testing.assert_close(read[1], read[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(read[2], read[0], rtol=1e-4, atol=1e-5)
     kw = dict(v_num_grad_steps=8, v_lr=0.5, v_weight_decay=0.5, kl_factor=0.0625, clamp_norm_factor=4.0)
     batched = compute_targets(model, tok, reqs, 1, ["", "The cat sat. "], **kw)
     alone = compute_targets(model, tok, reqs[-1:], 1, ["", "The cat sat. "], **kw)
@@ -178,6 +190,26 @@ def test_a_solver_sweep_reads_its_targets_from_the_cache(model, tok, stats, tmp_
     cold = editors.edit(model, tok, REQUESTS[:2], algorithm="memit", hparams=sweep, stats=stats)
     assert {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*.safetensors")} == written
     torch.testing.assert_close(warm.matrix(1), cold.matrix(1), rtol=1e-3, atol=1e-5)
+
+def test_targets_precomputed_in_shards_are_the_ones_the_edit_reads(model, tok, stats, tmp_path) -> None:
+    """A batch's targets optimised in two disjoint shards (as the pipeline's parallel target tasks do)
+    fill the cache the edit then reads, without optimising again, and give the update a cold edit gives."""
+    hp = {**TAKES, "layers": [1]}
+    cache = editors.TargetCache(tmp_path)
+    steps = [editors.precompute_targets(model, tok, shard, cache, algorithm="emmet", hparams=hp)
+             for shard in (REQUESTS[::2], REQUESTS[1::2])]
+    assert all(s > 0 for s in steps)
+    written = {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*.safetensors")}
+    assert len(written) == len(REQUESTS)
+    assert editors.precompute_targets(model, tok, REQUESTS, cache, algorithm="emmet", hparams=hp) == 0
+    warm = editors.edit(model, tok, REQUESTS, algorithm="emmet", hparams=hp, stats=stats, target_cache=cache)
+    cold = editors.edit(model, tok, REQUESTS, algorithm="emmet", hparams=hp, stats=stats)
+    assert {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*.safetensors")} == written
+    torch.testing.assert_close(warm.matrix(1), cold.matrix(1), rtol=1e-3, atol=1e-5)
+    # ROME optimises each request against the earlier ones' updates: nothing can be precomputed.
+    assert editors.precompute_targets(model, tok, REQUESTS, editors.TargetCache(tmp_path / "rome"),
+                                      algorithm="rome", hparams=hp) == 0
+
 
 def test_length_groups_bound_padding_and_rows() -> None:
     lengths = [2, 9, 3, 2, 8, 9, 2, 3, 4, 9, 2, 2]

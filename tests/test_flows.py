@@ -28,7 +28,8 @@ def _run(flow, cfg: RunConfig) -> str:
 
 @pytest.fixture(scope="module")
 def sequential_run(ray_runtime, tiny_organism) -> tuple[Store, str, RunConfig]:
-    cfg = RunConfig(algorithm="memit", n=12, batch_size=4, **TINY)
+    # two target shards: each batch's targets are optimised by two parallel tasks, then read by the edit
+    cfg = RunConfig(algorithm="memit", n=12, batch_size=4, target_shards=2, **TINY)
     return Store(), _run(sequential_flow, cfg), cfg
 
 

@@ -82,13 +82,15 @@ def _options(
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="cpu or cuda (stages then request GPUs from Ray)."),
     ray_address: str | None = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster; default local."),
+    target_shards: int = typer.Option(1, min=1, help="Parallel tasks a batch's target optimisation is split "
+                                      "into (memit, emmet, alphaedit): one core or GPU each."),
     run_id: str | None = typer.Option(None, help="Explicit run id (default: derived from the options)."),
 ):
     from flows.sequential import RunConfig
 
     cfg = RunConfig(algorithm=algorithm, model=model, dataset=dataset, format=format, n=n,
                     batch_size=batch_size or n, hparams=_hparams(hparams), layers=layers, corpus=corpus,
-                    n_probes=n_probes, seed=seed, device=device)
+                    n_probes=n_probes, seed=seed, device=device, target_shards=target_shards)
     return cfg, ray_address, run_id
 
 
