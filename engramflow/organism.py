@@ -82,10 +82,10 @@ The default as built now (2 x 256, MLP 1024, 2.4 M parameters), idle 2-core mach
   0.840 held-out top-1 on every prompt, 476 s at 1,727 tokens/s. The same run with the earlier
   targets (0.985 / 0.90, never reached) went on to epoch 45: 0.972 / 0.867 (best epoch 41), 583 s;
   builds are deterministic for a thread count, so the two agree epoch for epoch up to 37. The first
-  ~17 epochs are a plateau (top-1 about 0.1), then it climbs 0.05-0.1 per epoch. Tracing (the
-  45-epoch build, the demo's locate stage, 20 prompts): MLP effect 0.734 at the last subject token of
-  layer 0, 0.00 at the other subject tokens, and 0.641 at the last position of layer 1. The presets'
-  headers hold the edit measurements.
+  ~17 epochs are a plateau (top-1 about 0.1), then it climbs 0.05-0.1 per epoch. Tracing (the demo's
+  locate stage, 20 prompts): MLP effect 0.660 at the last subject token of layer 0 (the peak), 0.00
+  at the other subject tokens, and 0.577 at the last position of layer 1 (the 45-epoch build: 0.734
+  and 0.641). The presets' headers hold the edit measurements.
   Searching for a cheaper build: 3 x 256 with MLP 1024 at lr 3e-3 over 30 epochs (alone, 2 threads)
   ended at 0.42 / 0.23 (the cosine decay comes before the plateau ends). Then 1 thread each, two at
   once, same 3-layer model: lr 5e-3 was still on the plateau at epoch 17; batches of 8 did not
