@@ -38,6 +38,12 @@ class Algorithm:
     project: bool = False  # AlphaEdit's null-space projection
     sequential: bool = False  # ROME: one request at a time
 
+    @property
+    def batch_targets(self) -> bool:
+        """Whether a batch's targets are optimised on the unedited weights, request by request (so they
+        can be precomputed in shards): not ROME's, which see the earlier requests' updates; FT has none."""
+        return self.constraint is not None and not self.sequential
+
     def run(self, model: nn.Module, tok, requests: Sequence[Request], hp: Hparams, stats: Stats,
             cache_dir: str | Path | None = None, target_cache: TargetCache | None = None) -> Delta:
         prefixes = context_prefixes(model, tok, hp.context_spec, hp.seed)
@@ -138,8 +144,7 @@ def precompute_targets(model: nn.Module, tok, requests: Sequence[Request], algor
     is optimised on its own prompts, so disjoint shards of a batch can be precomputed by separate
     workers and the edit then only reads them. Nothing to do for algorithms without batch targets:
     ROME's later requests are optimised against the earlier ones' updates, and FT has none."""
-    algo = get_algorithm(algorithm)
-    if algo.constraint is None or algo.sequential:
+    if not get_algorithm(algorithm).batch_targets:
         return 0
     prefixes = context_prefixes(model, tok, hp.context_spec, hp.seed)
     return batch_targets(model, tok, requests, hp, prefixes, target_cache).steps

@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import wait
 from prefect_ray.context import remote_options
 
+from editors.algorithms import get_algorithm
 from engramflow.ledger import (
     Version,
     committed_batches,
@@ -36,8 +37,6 @@ from tasks.locate import locate_layers
 
 # Algorithms whose solver needs the preserved keys' second moment.
 NEEDS_STATS = {"rome", "memit", "emmet", "alphaedit"}
-# Algorithms whose batch targets are optimised on the parent weights, so shards can be precomputed.
-PRECOMPUTED_TARGETS = {"memit", "emmet", "alphaedit"}
 
 
 @dataclass
@@ -190,7 +189,7 @@ def run_batches(flow_name: str, cfg: RunConfig, run_id: str | None = None) -> st
                 # Target optimisation dominates editing: its shards run as parallel tasks first (one core
                 # or GPU each), then the edit reads their targets from the cache.
                 shards = cfg.target_shards if index not in committed_batches(store, run_id) else 1
-                if shards > 1 and cfg.algorithm in PRECOMPUTED_TARGETS:
+                if shards > 1 and get_algorithm(cfg.algorithm).batch_targets:
                     with remote_options(**cpu_options(cfg.device, 1)):
                         steps = [optimise_targets.submit(parent, batch[i::shards], cfg.algorithm, hparams, cfg.device)
                                  for i in range(shards) if batch[i::shards]]

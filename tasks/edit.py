@@ -51,8 +51,9 @@ def optimise_targets(parent: Version, request_ids: list[str], algorithm: str, hp
 @task(name="edit-batch", cache_policy=NO_CACHE)
 def edit_batch(run_id: str, batch_index: int, parent: Version, request_ids: list[str], algorithm: str,
                hparams: dict[str, Any] | None, stats_keys: dict[int, str] | None, device: str = "cpu") -> Version:
-    """Edit `request_ids` into `parent` (reading the targets `optimise_targets` left in the cache); return the committed version (the recorded one if this batch
-    was committed by an earlier, interrupted run: no edit is ever applied twice)."""
+    """Edit `request_ids` into `parent` (reading any targets `optimise_targets` left in the cache);
+    return the committed version (the recorded one if this batch was committed by an earlier,
+    interrupted run: no edit is ever applied twice)."""
     from engramflow.runtime import use_assigned_cpus
 
     use_assigned_cpus()
