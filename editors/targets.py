@@ -35,6 +35,7 @@ from editors.files import save_atomic
 from editors.keys import (
     Request,
     RequestError,
+    StopForward,
     encode,
     eval_mode,
     fact_position,
@@ -388,10 +389,12 @@ class PromptChunk:
 
         def capture(_module, _args, output):
             captured["output"] = output
+            raise StopForward  # the blocks after `layer` are what each step runs
 
         handle = adapter_for(model).block(model, layer).register_forward_hook(capture)
         try:
-            self.final_hidden(model)
+            with contextlib.suppress(StopForward):
+                self.final_hidden(model)
         finally:
             handle.remove()
         self.replay_layer, self.replay_output = layer, captured["output"]

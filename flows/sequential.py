@@ -182,13 +182,14 @@ def run_batches(flow_name: str, cfg: RunConfig, run_id: str | None = None) -> st
         evaluations.append(evaluate_version.submit(run_id, base, -1, edit_ids, probe_ids, cfg.device, corpus))
         parent = base
         batches = [edit_ids[i: i + cfg.batch_size] for i in range(0, len(edit_ids), cfg.batch_size)]
+        committed_before = committed_batches(store, run_id)  # a resumed run's batches need no targets
         for index, batch in enumerate(batches):
             if cfg.algorithm == "scen":
                 parent = scen_batch(run_id, index, parent, batch, scen_layer, hparams, workers)
             else:
                 # Target optimisation dominates editing: its shards run as parallel tasks first (one core
                 # or GPU each), then the edit reads their targets from the cache.
-                shards = cfg.target_shards if index not in committed_batches(store, run_id) else 1
+                shards = cfg.target_shards if index not in committed_before else 1
                 if shards > 1 and get_algorithm(cfg.algorithm).batch_targets:
                     with remote_options(**cpu_options(cfg.device, 1)):
                         steps = [optimise_targets.submit(parent, batch[i::shards], cfg.algorithm, hparams, cfg.device)
