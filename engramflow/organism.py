@@ -77,28 +77,54 @@ facts (2,080 training / 1,040 held-out prompts, 30 k tokens per epoch):
   at epoch 44 of 45 (targets not reached), 2,327 s on one core while the other was busy (428
   tokens/s). Tracing: MLP effect 0.676 at the last subject token of layer 0, 0.01-0.03 in the
   other layers there, and a late site at the last position (0.307, layer 3).
-The default as built now (2 x 256, MLP 1024, 2.4 M parameters), idle 2-core machine, both threads:
-  early stop at epoch 37 (samples 0.9725 / 0.8575 against the targets 0.97 / 0.85), 0.967 train /
-  0.840 held-out top-1 on every prompt, 476 s at 1,727 tokens/s. The same run with the earlier
-  targets (0.985 / 0.90, never reached) went on to epoch 45: 0.972 / 0.867 (best epoch 41), 583 s;
-  builds are deterministic for a thread count, so the two agree epoch for epoch up to 37. The first
-  ~17 epochs are a plateau (top-1 about 0.1), then it climbs 0.05-0.1 per epoch. Tracing (the demo's
-  locate stage, 20 prompts): MLP effect 0.660 at the last subject token of layer 0 (the peak), 0.00
-  at the other subject tokens, and 0.577 at the last position of layer 1 (the 45-epoch build: 0.734
-  and 0.641). The presets' headers hold the edit measurements.
-  Searching for a cheaper build: 3 x 256 with MLP 1024 at lr 3e-3 over 30 epochs (alone, 2 threads)
-  ended at 0.42 / 0.23 (the cosine decay comes before the plateau ends). Then 1 thread each, two at
-  once, same 3-layer model: lr 5e-3 was still on the plateau at epoch 17; batches of 8 did not
-  shorten it; names shared by about 2 people instead of 9 (`generate_world(name_pool=75)`) ended it
-  at epoch 12 instead of 15; without the interchange loss it ended at epoch 8 but reached only 0.37
-  after 15. On the 2-layer default, the interchange loss switched off for the first 8 epochs gave
-  0.33 at epoch 23 against 0.52. So the plateau is not only name binding, and it is the cost: a
-  smaller model runs each epoch faster, nothing tried here made it shorter. Two more, on the 2-layer
-  default with both threads: batches of 32 at lr 4e-3 run 1.2x more tokens/s but were still at 0.28 /
-  0.14 after 45 epochs; each sequence trained on one objective only (8 plain and 8 interchange rows a
-  step, which halves a step's work: 9 s an epoch against 13) was at 0.20 / 0.16 after 30 epochs
-  (the full loss: 0.87 / 0.70). A step's matrix products already run near the two cores' peak (an
-  estimated 130 GFLOP/s), so a build costs its updates times their work.
+The default as built now, with the subject probe (see below), idle 2-core machine, both threads: early
+  stop at epoch 22 (samples 0.970 / 0.922), 0.959 train / 0.936 held-out top-1 on every prompt, 288 s
+  inside the build (1,690 tokens/s). Tracing (the demo's locate stage, 20 prompts): MLP effect 0.660 at
+  the last subject token of layer 0 (the peak at the subject), 0.00 at the other subject tokens, and
+  0.718 at the last position of layer 1.
+The same 2 x 256 organism without the probe (the previous default), idle, both threads: early stop at
+  epoch 37 (samples 0.9725 / 0.8575 against the targets 0.97 / 0.85), 0.967 train / 0.840 held-out top-1
+  on every prompt, 476 s at 1,727 tokens/s. The same run with the earlier targets (0.985 / 0.90, never
+  reached) went on to epoch 45: 0.972 / 0.867 (best epoch 41), 583 s; builds are deterministic for a
+  thread count, so the two agree epoch for epoch up to 37. The first ~17 epochs are a plateau (top-1
+  about 0.1), then it climbs 0.05-0.1 per epoch. Tracing (the demo's locate stage, 20 prompts): MLP
+  effect 0.660 at the last subject token of layer 0 (the peak), 0.00 at the other subject tokens, and
+  0.577 at the last position of layer 1 (the 45-epoch build: 0.734 and 0.641). The presets' headers hold
+  the edit measurements. Searching for a cheaper build: 3 x 256 with MLP 1024 at lr 3e-3 over 30 epochs
+  (alone, 2 threads) ended at 0.42 / 0.23 (the cosine decay comes before the plateau ends). Then 1
+  thread each, two at once, same 3-layer model: lr 5e-3 was still on the plateau at epoch 17; batches of
+  8 did not shorten it; names shared by about 2 people instead of 9 (`generate_world(name_pool=75)`)
+  ended it at epoch 12 instead of 15; without the interchange loss it ended at epoch 8 but reached only
+  0.37 after 15. On the 2-layer default, the interchange loss switched off for the first 8 epochs gave
+  0.33 at epoch 23 against 0.52. So the plateau is not only name binding, and it is the cost: a smaller
+  model runs each epoch faster, nothing tried here made it shorter (until the subject probe). Two more,
+  on the 2-layer default with both threads: batches of 32 at lr 4e-3 run 1.2x more tokens/s but were
+  still at 0.28 / 0.14 after 45 epochs; each sequence trained on one objective only (8 plain and 8
+  interchange rows a step, which halves a step's work: 9 s an epoch against 13) was at 0.20 / 0.16 after
+  30 epochs (the full loss: 0.87 / 0.70). A step's matrix products already run near the two cores' peak
+  (an estimated 130 GFLOP/s), so a build costs its updates times their work.
+The subject probe (`subject_id_weight`, 3.0 on the default; the tiny organism of the tests is built
+  without it). SCEN's indexing neurons read layer 1's MLP hidden at the last prompt token. Without the
+  probe that state told templates apart, not subjects: SCEN routed 29% of other subjects' prompts with
+  an edited fact's template to that fact's expert (locality 0.709). A linear probe, trained with the
+  model and then discarded, names the statement's subject from the last layer's MLP input at the token
+  before the object (`_subject_id_loss`), in the plain run and in the interchanged one; in the latter
+  only the restored activation at the subject's last token knows the subject, so the name reaches the
+  last token the way the facts do. Default config, both threads; SCEN with its default neurons
+  (sharpness 20) over 200 sequential edits; MEMIT targets and four batches of 50 as in its preset:
+  | probe | epochs | build | train / held-out | SCEN rel. / gen. / loc. | targets above loss 0.5 | MEMIT batch 50 ES, drop |
+  |---|---|---|---|---|---|---|
+  | none (the previous default) | 37 | 476 s | 0.967 / 0.840 | 0.970 / 0.833 / 0.709 | 24 of 200 | 0.895, 0.031 |
+  | plain run only, 3 | 19 | 303 s | 0.952 / 0.909 | 1.000 / 0.915 / 0.955 | 200 of 200 | 0.04, 0.077 |
+  | interchanged run only, 3 | 45 | 589 s | 0.569 / 0.298 | 0.915 / 0.352 / 0.564 | – | – |
+  | both, 3 (the default) | 22 | 291 s | 0.959 / 0.936 | 1.000 / 0.880 / 0.879 | 10 of 200 | 0.915, -0.001 |
+  | both, 10 | 45 | 604 s | 0.992 / 0.863 | 1.000 / 0.762 / 0.986 | 7 of 200 | 0.945, 0.013 |
+  With the plain run only, the last token named its subject from the subject's own tokens and layer 1's
+  MLP looked the facts up there: edits at the subject's last token of layer 0 no longer took. Reading
+  the interchanged run too keeps the lookup at layer 0 and makes the probe's name arrive with the facts;
+  it also shortens the plateau (top-1 about 0.1) from ~17 epochs to ~7. Weight 10 gives
+  SCEN the better keys but never reaches the early-stop targets, and its build alone would take the
+  demo past 15 minutes.
 Every build records its own numbers (accuracies, epochs, tokens/s, seconds, history) in
 `organism.json` beside the weights.
 """
@@ -175,6 +201,10 @@ class OrganismConfig:
     interchange_weight: float = 0.5
     # Interchange sources: 0 = the subject's own clean run; k > 0 = the subject after 0..k other tokens.
     interchange_context: int = 8
+    # Weight of an auxiliary loss (0 = off) that asks a linear probe, trained alongside and then
+    # discarded, to name the statement's subject from the last layer's MLP input at the token that
+    # predicts the object, in the plain and the interchanged run (see `_subject_id_loss`).
+    subject_id_weight: float = 3.0
     architecture: str = "llama"  # "llama" (rotary positions) or "gpt2" (learned absolute positions)
     prefix_space: bool = True  # tokenizer: a text's first word spelled as after a space
     bos: bool = True  # tokenizer: every text starts with BOS
@@ -184,6 +214,7 @@ DEFAULT_CONFIG = OrganismConfig()
 TINY_CONFIG = OrganismConfig(
     name="organism-tiny", vocab_size=1024, n_embd=128, n_layer=2, n_head=4, n_inner=1024,
     batch_size=8, lr=3e-3, warmup_steps=20, max_epochs=60, target_train=0.97, target_heldout=0.80,
+    subject_id_weight=0.0,  # the tests' model predates the subject probe; kept so its hash stays
 )
 
 
@@ -297,6 +328,7 @@ class Packed:
 
     ids: list[int]
     subjects: list[tuple[int, int, bool]]  # (first token, last token, written after a space)
+    answers: list[tuple[int, str]] = field(default_factory=list)  # (token before the object, subject)
 
 
 def _batches(data: FactData, tok: Any, cfg: OrganismConfig, rng: random.Random) -> list[Packed]:
@@ -306,16 +338,22 @@ def _batches(data: FactData, tok: Any, cfg: OrganismConfig, rng: random.Random) 
     rng.shuffle(order)
     seqs: list[Packed] = []
     for i in range(0, len(order), cfg.statements_per_sequence):
-        text, spans = "", []
+        text, spans, ends = "", [], []
         for j, k in enumerate(order[i:i + cfg.statements_per_sequence]):
             if j:
                 text += rng.choice((" ", "\n", EOS))
             subject = data.subjects[k] if data.subjects else ""
             if subject and subject in data.statements[k]:
                 spans.append(subject_span(data.statements[k], subject, offset=len(text)))
+                # The statement is "<prompt> <object>.": its prompt's last character.
+                prompt_end = len(text) + data.statements[k].rstrip(".").rfind(" ") - 1
+                if prompt_end >= len(text):
+                    ends.append((prompt_end, subject))
             text += data.statements[k]
         ids, offsets = encode(tok, text)
         ids, offsets = ids[: cfg.n_positions], offsets[: cfg.n_positions]
+        answers = [(char_to_token(offsets, end), subject) for end, subject in ends
+                   if end < offsets[-1][0] and char_to_token(offsets, end) + 1 < len(ids)]
         subjects = []
         for begin, end in spans:
             if end > offsets[-1][1]:  # cut off by n_positions
@@ -323,7 +361,7 @@ def _batches(data: FactData, tok: Any, cfg: OrganismConfig, rng: random.Random) 
             first, last = char_to_token(offsets, begin), char_to_token(offsets, end - 1)
             if offsets[first][0] >= begin - 1:  # not merged into a token before it
                 subjects.append((first, last, begin > 0 and text[begin - 1] == " "))
-        seqs.append(Packed(ids, subjects))
+        seqs.append(Packed(ids, subjects, answers))
     return seqs
 
 
@@ -416,6 +454,30 @@ def _subject_in_new_context(model: torch.nn.Module, subjects: list[list[int]], s
     return seen["mlp"][torch.arange(len(sources)), torch.tensor([len(q) - 1 for q in sources])]
 
 
+def _subject_id_loss(mlp_input: torch.Tensor, seqs: list[Packed], probe: torch.nn.Linear,
+                     subject_ids: dict[str, int]) -> torch.Tensor | None:
+    """Cross-entropy of a linear probe that names the subject from the last layer's MLP input at each
+    statement's last prompt token (the token that predicts the object).
+
+    Real language models carry the subject's identity to the last prompt token; attribute-extraction
+    heads read the subject there and the state stays subject-specific (Geva et al., 2023). A 2-layer
+    organism trained on next-token loss has no reason to: its last layer's attention moves only the
+    one attribute the template asks for, so that state tells apart templates, not subjects (measured:
+    SCEN's indexing neurons, which read it, routed 29% of other subjects' prompts to an expert). The
+    probe makes the state name its subject without telling the model what to predict."""
+    rows, positions, labels = [], [], []
+    for r, seq in enumerate(seqs):
+        for position, subject in seq.answers:
+            if subject in subject_ids:
+                rows.append(r)
+                positions.append(position)
+                labels.append(subject_ids[subject])
+    if not rows:
+        return None
+    states = mlp_input[torch.tensor(rows), torch.tensor(positions)]
+    return torch.nn.functional.cross_entropy(probe(states), torch.tensor(labels))
+
+
 def _collate(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -485,6 +547,13 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
     clean: dict[str, torch.Tensor] = {}  # the store layer's MLP output in the plain forward
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    # The subject probe is trained with the model and discarded: it is not part of the saved model.
+    subject_ids = {s: i for i, s in enumerate(sorted(set(data.subjects) - {""}))}
+    last_mlp = adapter_for(model).mlp_module(model, cfg.n_layer - 1)
+    if cfg.subject_id_weight > 0:
+        probe = torch.nn.Linear(cfg.n_embd, max(1, len(subject_ids)))
+        decay += [probe.weight]
+        no_decay += [probe.bias]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     steps_per_epoch = math.ceil(math.ceil(len(data.statements) / cfg.statements_per_sequence) / cfg.batch_size)
@@ -516,16 +585,36 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
             for i in range(0, len(seqs), cfg.batch_size):
                 chunk = seqs[i:i + cfg.batch_size]
                 ids, mask, labels = _collate([s.ids for s in chunk], tok.pad_token_id)
-                handle = store_mlp.register_forward_hook(lambda _m, _a, out: clean.__setitem__("mlp", out))
+                handles = [store_mlp.register_forward_hook(lambda _m, _a, out: clean.__setitem__("mlp", out))]
+                if cfg.subject_id_weight > 0:
+                    handles.append(last_mlp.register_forward_pre_hook(
+                        lambda _m, args: clean.__setitem__("last_mlp_input", args[0])))
                 try:
                     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
                 finally:
-                    handle.remove()
+                    for handle in handles:
+                        handle.remove()
+                if cfg.subject_id_weight > 0:
+                    named = _subject_id_loss(clean["last_mlp_input"], chunk, probe, subject_ids)
+                    if named is not None:
+                        loss = loss + cfg.subject_id_weight * named
                 if cfg.interchange_weight > 0:
-                    swap = _interchange_loss(model, ids, mask, labels, chunk, clean["mlp"], store_mlp, pool, rng,
-                                             cfg.interchange_context, tok.bos_token_id if cfg.bos else None)
+                    # The subject probe reads the interchanged run, where the subject's tokens are another's and
+                    # only the restored activation knows who it is: the name reaches the last token the way the
+                    # facts do, through the store layer's MLP at the subject's last token.
+                    handle = last_mlp.register_forward_pre_hook(
+                        lambda _m, args: clean.__setitem__("last_mlp_input", args[0]))
+                    try:
+                        swap = _interchange_loss(model, ids, mask, labels, chunk, clean["mlp"], store_mlp, pool, rng,
+                                                 cfg.interchange_context, tok.bos_token_id if cfg.bos else None)
+                    finally:
+                        handle.remove()
                     if swap is not None:
                         loss = loss + cfg.interchange_weight * swap
+                        if cfg.subject_id_weight > 0:
+                            named = _subject_id_loss(clean["last_mlp_input"], chunk, probe, subject_ids)
+                            if named is not None:
+                                loss = loss + cfg.subject_id_weight * named
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -570,8 +659,14 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
 
 
 # --- cache -------------------------------------------------------------------------------------------
+# Config fields added after builds were cached, with their "off" values: a field at that value is left
+# out of the cache key, so the builds made before it existed keep their hash.
+_LATER_FIELDS = {"subject_id_weight": 0.0}
+
+
 def _cache_key(cfg: OrganismConfig, data: FactData) -> str:
-    h = hashlib.sha256(json.dumps({"config": asdict(cfg), "version": BUILD_VERSION}, sort_keys=True).encode())
+    config = {k: v for k, v in asdict(cfg).items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+    h = hashlib.sha256(json.dumps({"config": config, "version": BUILD_VERSION}, sort_keys=True).encode())
     h.update(data.fingerprint().encode())
     return h.hexdigest()[:16]
 

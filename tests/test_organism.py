@@ -54,6 +54,30 @@ def test_fact_data_from_requests_trains_every_prompt() -> None:
     assert set(data.objects) == {"Orsk", "Brin", "harp"} and data.heldout == []
 
 
+def test_packed_sequences_mark_the_token_before_each_object(tiny_world: World, world_tokenizer) -> None:
+    """The subject probe reads the token that predicts the object (a fact's object or a subject's kind):
+    the statement goes on with that one word, and the subject named is the statement's."""
+    import random
+
+    from engramflow.organism import _batches
+
+    data = FactData.from_world(tiny_world, "world-tiny")
+    seqs = _batches(data, world_tokenizer, TINY_CONFIG, random.Random(0))
+    marked = 0
+    for seq in seqs:
+        text = world_tokenizer.decode(seq.ids)
+        for position, subject in seq.answers:
+            before = world_tokenizer.decode(seq.ids[: position + 1])
+            after = text[len(before):]
+            assert text.startswith(before)
+            # One statement of this subject has its prompt end here and its last word come next.
+            assert any(before.endswith(st.rsplit(" ", 1)[0]) and after.startswith(" " + st.rsplit(" ", 1)[1])
+                       for st, sub in zip(data.statements, data.subjects, strict=True) if sub == subject)
+            marked += 1
+    # Every statement with a subject is marked once (none is cut off at this sequence length).
+    assert marked == sum(1 for s in data.subjects if s)
+
+
 def test_tiny_organism_builds_and_knows_its_facts(tiny_organism: Path, tiny_world: World) -> None:
     assert (tiny_organism / "model.safetensors").is_file()
     model = AutoModelForCausalLM.from_pretrained(tiny_organism)
