@@ -197,6 +197,7 @@ def bench_quality(model: nn.Module, tok: Any, requests: list[dict], unrelated: l
         base_next[fill_prompt(r)] = next_token(model, tok, fill_prompt(r))
     variants = {
         "default (margin loss, matched init, contrasts)": config,
+        "sharper start (matched init, sharpness 40)": replace(config, neuron_sharpness=40.0),
         "+ recalibration of old neurons (20 steps)": replace(config, recalibrate_steps=20),
         "reference loss, zero init": replace(config, neuron_loss="reference", neuron_init="zero"),
         "reference loss, matched init": replace(config, neuron_loss="reference"),
