@@ -549,11 +549,21 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     # The subject probe is trained with the model and discarded: it is not part of the saved model.
     subject_ids = {s: i for i, s in enumerate(sorted(set(data.subjects) - {""}))}
-    last_mlp = adapter_for(model).mlp_module(model, cfg.n_layer - 1)
+    probe_hooks = []
     if cfg.subject_id_weight > 0:
         probe = torch.nn.Linear(cfg.n_embd, max(1, len(subject_ids)))
         decay += [probe.weight]
         no_decay += [probe.bias]
+        # The last layer's MLP input of the latest forward, read by the probe after each training run.
+        probe_hooks.append(adapter_for(model).mlp_module(model, cfg.n_layer - 1).register_forward_pre_hook(
+            lambda _m, args: clean.__setitem__("last_mlp_input", args[0])))
+
+    def probe_loss(chunk: list[Packed]) -> torch.Tensor | float:
+        """The subject probe's weighted loss on the latest forward (0 when the probe is off)."""
+        if cfg.subject_id_weight <= 0:
+            return 0.0
+        named = _subject_id_loss(clean["last_mlp_input"], chunk, probe, subject_ids)
+        return 0.0 if named is None else cfg.subject_id_weight * named
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     steps_per_epoch = math.ceil(math.ceil(len(data.statements) / cfg.statements_per_sequence) / cfg.batch_size)
@@ -585,36 +595,20 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
             for i in range(0, len(seqs), cfg.batch_size):
                 chunk = seqs[i:i + cfg.batch_size]
                 ids, mask, labels = _collate([s.ids for s in chunk], tok.pad_token_id)
-                handles = [store_mlp.register_forward_hook(lambda _m, _a, out: clean.__setitem__("mlp", out))]
-                if cfg.subject_id_weight > 0:
-                    handles.append(last_mlp.register_forward_pre_hook(
-                        lambda _m, args: clean.__setitem__("last_mlp_input", args[0])))
+                handle = store_mlp.register_forward_hook(lambda _m, _a, out: clean.__setitem__("mlp", out))
                 try:
                     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
                 finally:
-                    for handle in handles:
-                        handle.remove()
-                if cfg.subject_id_weight > 0:
-                    named = _subject_id_loss(clean["last_mlp_input"], chunk, probe, subject_ids)
-                    if named is not None:
-                        loss = loss + cfg.subject_id_weight * named
+                    handle.remove()
+                loss = loss + probe_loss(chunk)
                 if cfg.interchange_weight > 0:
-                    # The subject probe reads the interchanged run, where the subject's tokens are another's and
-                    # only the restored activation knows who it is: the name reaches the last token the way the
-                    # facts do, through the store layer's MLP at the subject's last token.
-                    handle = last_mlp.register_forward_pre_hook(
-                        lambda _m, args: clean.__setitem__("last_mlp_input", args[0]))
-                    try:
-                        swap = _interchange_loss(model, ids, mask, labels, chunk, clean["mlp"], store_mlp, pool, rng,
-                                                 cfg.interchange_context, tok.bos_token_id if cfg.bos else None)
-                    finally:
-                        handle.remove()
+                    swap = _interchange_loss(model, ids, mask, labels, chunk, clean["mlp"], store_mlp, pool, rng,
+                                             cfg.interchange_context, tok.bos_token_id if cfg.bos else None)
                     if swap is not None:
-                        loss = loss + cfg.interchange_weight * swap
-                        if cfg.subject_id_weight > 0:
-                            named = _subject_id_loss(clean["last_mlp_input"], chunk, probe, subject_ids)
-                            if named is not None:
-                                loss = loss + cfg.subject_id_weight * named
+                        # The probe reads the interchanged run too, where the subject's tokens are another's and
+                        # only the restored activation knows who it is: the name reaches the last token the way
+                        # the facts do, through the store layer's MLP at the subject's last token.
+                        loss = loss + cfg.interchange_weight * swap + probe_loss(chunk)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -642,6 +636,8 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
             if score >= 1.0:
                 break
     finally:
+        for handle in probe_hooks:
+            handle.remove()
         if bar is not None:
             bar.stop()
     model.load_state_dict(best["state"])
