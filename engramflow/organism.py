@@ -105,8 +105,8 @@ The same 2 x 256 organism without the probe (the previous default), idle, both t
   (an estimated 130 GFLOP/s), so a build costs its updates times their work.
 The subject probe (`subject_id_weight`, 3.0 on the default; the tiny organism of the tests is built
   without it). SCEN's indexing neurons read layer 1's MLP hidden at the last prompt token. Without the
-  probe that state told templates apart, not subjects: SCEN routed 29% of other subjects' prompts with
-  an edited fact's template to that fact's expert (locality 0.709). A linear probe, trained with the
+  probe that state told templates apart, not subjects: SCEN changed the answer of 29% of the prompts
+  that ask an edited fact's question of another subject (locality 0.709). A linear probe, trained with the
   model and then discarded, names the statement's subject from the last layer's MLP input at the token
   before the object (`_subject_id_loss`), in the plain run and in the interchanged one; in the latter
   only the restored activation at the subject's last token knows the subject, so the name reaches the
@@ -119,8 +119,9 @@ The subject probe (`subject_id_weight`, 3.0 on the default; the tiny organism of
   | interchanged run only, 3 | 45 | 589 s | 0.569 / 0.298 | 0.915 / 0.352 / 0.564 | – | – |
   | both, 3 (the default) | 22 | 291 s | 0.959 / 0.936 | 1.000 / 0.880 / 0.879 | 10 of 200 | 0.915, -0.001 |
   | both, 10 | 45 | 604 s | 0.992 / 0.863 | 1.000 / 0.762 / 0.986 | 7 of 200 | 0.945, 0.013 |
-  With the plain run only, the last token named its subject from the subject's own tokens and layer 1's
-  MLP looked the facts up there: edits at the subject's last token of layer 0 no longer took. Reading
+  With the plain run only, edits at the subject's last token of layer 0 no longer took (every MEMIT
+  target failed); presumably the last token named its subject from the subject's own tokens and layer
+  1's MLP looked the facts up there (not traced). Reading
   the interchanged run too keeps the lookup at layer 0 and makes the probe's name arrive with the facts;
   it also shortens the plateau (top-1 about 0.1) from ~17 epochs to ~7. Weight 10 gives
   SCEN the better keys but never reaches the early-stop targets, and its build alone would take the
@@ -459,12 +460,12 @@ def _subject_id_loss(mlp_input: torch.Tensor, seqs: list[Packed], probe: torch.n
     """Cross-entropy of a linear probe that names the subject from the last layer's MLP input at each
     statement's last prompt token (the token that predicts the object).
 
-    Real language models carry the subject's identity to the last prompt token; attribute-extraction
-    heads read the subject there and the state stays subject-specific (Geva et al., 2023). A 2-layer
-    organism trained on next-token loss has no reason to: its last layer's attention moves only the
-    one attribute the template asks for, so that state tells apart templates, not subjects (measured:
-    SCEN's indexing neurons, which read it, routed 29% of other subjects' prompts to an expert). The
-    probe makes the state name its subject without telling the model what to predict."""
+    In real language models the last prompt token's state reflects its subject: attention heads there
+    read the subject's enriched representation (Geva et al., 2023). This 2-layer organism trained on
+    next-token loss alone kept little of it: that state told templates apart, not subjects (measured:
+    SCEN's indexing neurons, which read it, changed the answer of 29% of the prompts asking an edited
+    fact's question of another subject). The probe makes the state name its subject without telling
+    the model what to predict."""
     rows, positions, labels = [], [], []
     for r, seq in enumerate(seqs):
         for position, subject in seq.answers:
