@@ -353,8 +353,8 @@ def _batches(data: FactData, tok: Any, cfg: OrganismConfig, rng: random.Random) 
             text += data.statements[k]
         ids, offsets = encode(tok, text)
         ids, offsets = ids[: cfg.n_positions], offsets[: cfg.n_positions]
-        answers = [(char_to_token(offsets, end), subject) for end, subject in ends
-                   if end < offsets[-1][0] and char_to_token(offsets, end) + 1 < len(ids)]
+        # Kept when the object's token is in the sequence (the prompt ends before the last token starts).
+        answers = [(char_to_token(offsets, end), subject) for end, subject in ends if end < offsets[-1][0]]
         subjects = []
         for begin, end in spans:
             if end > offsets[-1][1]:  # cut off by n_positions
@@ -455,8 +455,15 @@ def _subject_in_new_context(model: torch.nn.Module, subjects: list[list[int]], s
     return seen["mlp"][torch.arange(len(sources)), torch.tensor([len(q) - 1 for q in sources])]
 
 
-def _subject_id_loss(mlp_input: torch.Tensor, seqs: list[Packed], probe: torch.nn.Linear,
-                     subject_ids: dict[str, int]) -> torch.Tensor | None:
+def _probe_targets(seqs: list[Packed], subject_ids: dict[str, int]) -> tuple[torch.Tensor, ...] | None:
+    """(rows, positions, subject labels) of every statement's last prompt token in a batch, or None."""
+    found = [(r, position, subject_ids[subject]) for r, seq in enumerate(seqs)
+             for position, subject in seq.answers if subject in subject_ids]
+    return tuple(torch.tensor(column) for column in zip(*found, strict=True)) if found else None
+
+
+def _subject_id_loss(mlp_input: torch.Tensor, targets: tuple[torch.Tensor, ...], probe: torch.nn.Linear,
+                     ) -> torch.Tensor:
     """Cross-entropy of a linear probe that names the subject from the last layer's MLP input at each
     statement's last prompt token (the token that predicts the object).
 
@@ -465,18 +472,9 @@ def _subject_id_loss(mlp_input: torch.Tensor, seqs: list[Packed], probe: torch.n
     next-token loss alone kept little of it: that state told templates apart, not subjects (measured:
     SCEN's indexing neurons, which read it, changed the answer of 29% of the prompts asking an edited
     fact's question of another subject). The probe makes the state name its subject without telling
-    the model what to predict."""
-    rows, positions, labels = [], [], []
-    for r, seq in enumerate(seqs):
-        for position, subject in seq.answers:
-            if subject in subject_ids:
-                rows.append(r)
-                positions.append(position)
-                labels.append(subject_ids[subject])
-    if not rows:
-        return None
-    states = mlp_input[torch.tensor(rows), torch.tensor(positions)]
-    return torch.nn.functional.cross_entropy(probe(states), torch.tensor(labels))
+    the model what to predict. `targets` is `_probe_targets` of the batch."""
+    rows, positions, labels = targets
+    return torch.nn.functional.cross_entropy(probe(mlp_input[rows, positions]), labels)
 
 
 def _collate(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -559,12 +557,11 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
         probe_hooks.append(adapter_for(model).mlp_module(model, cfg.n_layer - 1).register_forward_pre_hook(
             lambda _m, args: clean.__setitem__("last_mlp_input", args[0])))
 
-    def probe_loss(chunk: list[Packed]) -> torch.Tensor | float:
+    def probe_loss(targets: tuple[torch.Tensor, ...] | None) -> torch.Tensor | float:
         """The subject probe's weighted loss on the latest forward (0 when the probe is off)."""
-        if cfg.subject_id_weight <= 0:
+        if cfg.subject_id_weight <= 0 or targets is None:
             return 0.0
-        named = _subject_id_loss(clean["last_mlp_input"], chunk, probe, subject_ids)
-        return 0.0 if named is None else cfg.subject_id_weight * named
+        return cfg.subject_id_weight * _subject_id_loss(clean["last_mlp_input"], targets, probe)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     steps_per_epoch = math.ceil(math.ceil(len(data.statements) / cfg.statements_per_sequence) / cfg.batch_size)
@@ -601,7 +598,9 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
                     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
                 finally:
                     handle.remove()
-                loss = loss + probe_loss(chunk)
+                # Where the probe reads and what it should name: the same for the plain and the interchanged run.
+                targets = _probe_targets(chunk, subject_ids) if cfg.subject_id_weight > 0 else None
+                loss = loss + probe_loss(targets)
                 if cfg.interchange_weight > 0:
                     swap = _interchange_loss(model, ids, mask, labels, chunk, clean["mlp"], store_mlp, pool, rng,
                                              cfg.interchange_context, tok.bos_token_id if cfg.bos else None)
@@ -609,7 +608,7 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
                         # The probe reads the interchanged run too, where the subject's tokens are another's and
                         # only the restored activation knows who it is: the name reaches the last token the way
                         # the facts do, through the store layer's MLP at the subject's last token.
-                        loss = loss + cfg.interchange_weight * swap + probe_loss(chunk)
+                        loss = loss + cfg.interchange_weight * swap + probe_loss(targets)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
