@@ -48,6 +48,12 @@ def score_version(model: Any, tok: Any, originals: dict[int, Any], edited: list[
     """Metric rows (request_id, protocol, metric, value) of `model`; `originals` holds W₀ per edited layer."""
     from editors import metrics
 
+    scen = getattr(model, "_scen", None)
+    if scen is not None:
+        from editors.scen import attached, held_out_paraphrases
+
+        # SCEN's neurons may have trained on some paraphrases: PS is read on the others only.
+        edited = held_out_paraphrases(edited, attached(model).bank.config)
     rows = metrics.counterfact_metrics(model, tok, edited) if edited else []
     with_generation = [r for r in edited[:GENERATION_REQUESTS] if r.get("generation_prompts")]
     if with_generation:
@@ -57,7 +63,7 @@ def score_version(model: Any, tok: Any, originals: dict[int, Any], edited: list[
     scores = metrics.score_targets(model, tok, [(metrics.fill_prompt(p), p["target_true"]) for p in probes])
     rows += [{"request_id": p["request_id"], "protocol": "probe", "metric": "top1",
               "value": float(s.predicted[0] == s.target[0])} for p, s in zip(probes, scores, strict=True)]
-    if getattr(model, "_scen", None) is not None:
+    if scen is not None:
         rows += routing_rows(model, tok, edited, probes)
     rows.append({"request_id": None, "protocol": "model", "metric": "perplexity",
                  "value": metrics.perplexity(model, tok, ppl_texts)})

@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from editors.adapters import adapter_for
 from editors.scen import (
+    Expert,
     ExpertBank,
     ScenConfig,
     ScenLayer,
@@ -244,3 +245,31 @@ def test_contrast_prompts_never_ask_an_edited_question():
     # B and C in A's birthplace template: B's birthplace is itself an edit, so only C is a contrast;
     # A's P37 question is edited too, so no other-relation template is left for A.
     assert prompts == ["C was born in"]
+
+
+def test_an_old_neuron_firing_on_a_new_contrast_key_is_recalibrated_and_keeps_its_own_fact():
+    """A new batch's contrast prompts ask old subjects new questions; an old neuron that fires on one of
+    them is retrained (its expert untouched) until it stays silent there and still fires on its own key."""
+    torch.manual_seed(0)
+    d_model, d_mlp = 4, 8
+    old_key, new_key = torch.randn(1, d_mlp), torch.randn(1, d_mlp)
+    negatives = torch.randn(20, d_mlp)
+    near = old_key + 0.5 * torch.randn(1, d_mlp)  # the old subject in the new fact's template
+
+    def expert(rid: str) -> Expert:
+        return Expert(rid, 0, torch.randn(1, d_mlp), torch.randn(d_model, 1))
+
+    for steps in (0, 40):
+        bank = ExpertBank(0, d_model, d_mlp, ScenConfig(rank=1, recalibrate_steps=steps))
+        bank.add([expert("old")], [old_key], [(negatives, [None] * len(negatives))])
+        assert bank.scores(near)[0, 0] > bank.theta  # the misfire this is about
+        w_old, a_old = bank.neuron_w[0].clone(), bank.a[0].clone()
+        report = bank.add([expert("new")], [new_key], [(near, ['["old subject", "new relation"]'])])
+        assert report.old_firing == ["old"]
+        assert torch.equal(bank.a[0], a_old)
+        if steps == 0:
+            assert report.recalibrated == [] and torch.equal(bank.neuron_w[0], w_old)
+        else:
+            assert report.recalibrated == ["old"]
+            assert bank.scores(near)[0, 0] < bank.theta < bank.scores(old_key)[0, 0]
+            assert bank.scores(new_key)[0, 1] > bank.theta

@@ -19,6 +19,7 @@ from editors.scen.model import (
     detach,
     expert_applied,
     fill_prompt,
+    held_out_paraphrases,
     prompt_hidden,
     prompt_target_ids,
     reading_at,
@@ -31,6 +32,6 @@ from editors.scen.model import (
 
 __all__ = [
     "NO_EXPERT", "AddReport", "Expert", "ExpertBank", "ScenConfig", "ScenLayer", "add_requests", "attach",
-    "attached", "detach", "expert_applied", "fill_prompt", "prompt_hidden", "prompt_target_ids", "reading_at",
+    "attached", "detach", "expert_applied", "fill_prompt", "held_out_paraphrases", "prompt_hidden", "prompt_target_ids", "reading_at",
     "request_id", "route", "target_correct", "train_expert", "train_neurons",
 ]

@@ -387,7 +387,7 @@ class ExpertBank:
         """Append experts with their positive keys ([p_i, d_mlp] each: last prompt tokens) and negative
         keys ([c_i, d_mlp]: other prompt tokens and contrast prompts, each with the question it asks or
         None), train the new neurons against every other key, and recalibrate old neurons that fire on
-        the new positives. Old experts are never touched."""
+        any new key, positive or negative. Old experts are never touched."""
         report = AddReport(experts=list(experts))
         duplicate = sorted({e.request_id for e in experts} & set(self.ids))
         if duplicate or len({e.request_id for e in experts}) != len(experts):
@@ -403,7 +403,11 @@ class ExpertBank:
         self.key_question = [q for q in self.key_question if q not in asked]
         n_old = len(self.ids)
         new_keys = torch.cat([k.float() for k in keys])
-        old_scores = self.scores(new_keys)  # [m_new, n_old]
+        # Old neurons are checked on every new key: the new contrast prompts ask old subjects new questions,
+        # the prompts an old neuron misfired on most. Measured (sharpness 20, no paraphrase positive, 20
+        # steps): locality 0.879 -> 0.938 and generality 0.88 -> 0.72, where checking the new positives
+        # alone recalibrated 9 neurons and changed nothing.
+        old_scores = self.scores(torch.cat([new_keys, *[c.float() for c, _ in negatives]]))  # [m_new, n_old]
         owners = [torch.full((len(k),), n_old + i, dtype=torch.long) for i, k in enumerate(keys)]
         owners += [torch.full((len(c),), -2 - (n_old + i), dtype=torch.long) for i, (c, _) in enumerate(negatives)]
         factors = [e.factors(self.config.rank) for e in experts]
@@ -508,6 +512,13 @@ def experts_to_tensors(experts: Sequence[Expert]) -> tuple[dict[str, torch.Tenso
 def experts_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> list[Expert]:
     return [Expert(a=tensors.get(f"{i}.a"), b=tensors.get(f"{i}.b"), dense=tensors.get(f"{i}.dense"), **info)
             for i, info in enumerate(json.loads(meta["experts"]))]
+
+
+def held_out_paraphrases(requests: Sequence[Request], config: ScenConfig) -> list[Request]:
+    """The requests without the paraphrase prompts that trained their neurons (`neuron_paraphrases`),
+    so that generality is scored on paraphrases the bank never saw."""
+    n = config.neuron_paraphrases
+    return [{**r, "paraphrase_prompts": list(r.get("paraphrase_prompts", []))[n:]} for r in requests]
 
 
 def add_requests(
