@@ -33,7 +33,7 @@ class ScenConfig:
     recalibrate_steps: int = 20
     # The four settings above, measured together (bench/scen.py, default organism, 200 sequential edits
     # in batches of 10; generality on held-out paraphrases / locality): 0.825 / 0.979 on the first 200
-    # facts and 0.81 / 0.964 on the next 200, against 0.875 / 0.879 and 0.775 / 0.905 with sharpness 20,
+    # facts and 0.81 / 0.964 on the next 200, against 0.880 / 0.879 and 0.775 / 0.905 with sharpness 20,
     # 16 contrasts, no paraphrase and no recalibration (the previous defaults). Each alone moves along
     # one trade-off curve (sharpness 40 alone: 0.62 / 0.979); the paraphrase positive buys back the
     # generality that sharper neurons and recalibration cost.
