@@ -83,7 +83,7 @@ class ScenLayer(nn.Module):
             raise RuntimeError(
                 f"SCEN layer {self.layer}: a continued forward with batch {h.shape[0]} but routing was "
                 f"decided for {None if self.routes is None else self.routes.shape[0]} rows; pass "
-                "past_key_values as a keyword so the layer can tell a new prompt from a continuation"
+                "the KV cache as a keyword so the layer can tell a new prompt from a continuation"
             )
         rows = (self.routes != NO_EXPERT).nonzero().squeeze(1)
         if rows.numel():

@@ -557,7 +557,8 @@ def add_requests(
 # --- inference ------------------------------------------------------------------------------------------
 def _begin_prompt_hook(layer: ScenLayer) -> Any:
     def hook(_model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        cache = kwargs.get("past_key_values")
+        # transformers 5 passes the KV cache as `cache`, earlier versions as `past_key_values`.
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
         ids = kwargs.get("input_ids", args[0] if args else None)
         previous, layer.last_input_ids = layer.last_input_ids, ids
         if cache is not None and cache.get_seq_length() > 0:
