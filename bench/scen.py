@@ -195,24 +195,27 @@ def bench_quality(model: nn.Module, tok: Any, requests: list[dict], unrelated: l
             base_next[n["prompt"]] = next_token(model, tok, n["prompt"])
     for r in unrelated:
         base_next[fill_prompt(r)] = next_token(model, tok, fill_prompt(r))
-    previous = replace(config, neuron_sharpness=20.0, neuron_contrasts=16, neuron_paraphrases=0, recalibrate_steps=0)
+    previous = replace(config, neuron_sharpness=20.0, neuron_candidates=16, neuron_contrasts=10**6, neuron_paraphrases=0,
+                       recalibrate_steps=0)
     variants = {
-        f"default (margin loss, matched init, sharpness {config.neuron_sharpness:g}, {config.neuron_contrasts} "
-        f"contrasts, {config.neuron_paraphrases} paraphrase, recalibration {config.recalibrate_steps})": config,
+        f"default (margin loss, matched init, sharpness {config.neuron_sharpness:g}, {config.neuron_candidates} "
+        f"candidate contrasts of each kind, {config.neuron_contrasts} kept, {config.neuron_paraphrases} paraphrase, "
+        f"recalibration {config.recalibrate_steps})": config,
         "no paraphrase positive": replace(config, neuron_paraphrases=0),
         "no recalibration of old neurons": replace(config, recalibrate_steps=0),
         "sharpness 20": replace(config, neuron_sharpness=20.0),
-        "16 contrasts": replace(config, neuron_contrasts=16),
-        "no contrast prompts": replace(config, neuron_contrasts=0),
+        "every candidate contrast kept": replace(config, neuron_contrasts=10**6),
+        "32 candidates of each kind, all kept": replace(config, neuron_candidates=32, neuron_contrasts=10**6),
+        "no contrast prompts": replace(config, neuron_candidates=0),
         "margin loss, zero init": replace(config, neuron_init="zero"),
         "reference loss, zero init": replace(config, neuron_loss="reference", neuron_init="zero"),
-        "previous default (sharpness 20, 16 contrasts, no paraphrase, no recalibration)": previous,
+        "previous default (sharpness 20, 16 candidates all kept, no paraphrase, no recalibration)": previous,
     }
     table = Table(title=f"{len(requests)} sequential edits in batches of {batch}, layer {layer} "
                         f"(+{len(unrelated)} unedited facts)")
     for col in ("neurons", "reliability", "generality (all para.)", "gen. held-out para.", "locality", "loc. neighbours",
                 "loc. unrelated", "routing acc.",
-                "old neurons firing / recal.", "neuron s"):
+                "old neurons firing / recal.", "bank keys", "neuron s"):
         table.add_column(col, justify="right")
     for name, cfg in variants.items():
         bank = ExpertBank.for_model(model, layer, cfg)
@@ -228,7 +231,7 @@ def bench_quality(model: nn.Module, tok: Any, requests: list[dict], unrelated: l
         held = evaluate(model, tok, bank, requests, [], base_next, slice(cfg.neuron_paraphrases, None), 0)["generality"]
         table.add_row(name, f"{m['reliability']:.3f}", f"{m['generality']:.3f}", f"{held:.3f}",
                       f"{m['locality']:.3f}", f"{m['locality_neighbour']:.3f}", f"{m['locality_unrelated']:.3f}",
-                      f"{m['routing']:.3f}", f"{fired} / {recal}", f"{seconds:.1f}")
+                      f"{m['routing']:.3f}", f"{fired} / {recal}", f"{len(bank.keys):,}", f"{seconds:.1f}")
     console.print(table)
 
 
@@ -240,6 +243,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=ScenConfig.rank)
     parser.add_argument("--experts", type=int, default=20, help="requests for the storage/time/latency part")
     parser.add_argument("--edits", type=int, default=0, help="sequential edits for the quality part (0: skip)")
+    parser.add_argument("--offset", type=int, default=0, help="first request of the quality part's edits")
     parser.add_argument("--unrelated", type=int, default=100, help="unedited facts checked for locality")
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--neighbours", type=int, default=3, help="neighbourhood prompts checked per edit")
@@ -255,7 +259,7 @@ def main() -> None:
                   f"torch threads {torch.get_num_threads()}")
     if args.layer is None:
         args.layer = default_layer(adapter_for(model).n_layers(model))
-    requests = _requests(args.experts + max(args.edits, 0) + args.unrelated, args.world)
+    requests = _requests(max(args.experts, args.offset + max(args.edits, 0) + args.unrelated), args.world)
     experts = bench_experts(model, tok, requests[: args.experts], args.layer, config)
     bank = ExpertBank.for_model(model, args.layer, config)
     add_requests(model, tok, bank, requests[: args.experts], experts)
@@ -267,8 +271,10 @@ def main() -> None:
                       "(the negatives of later neurons)")
     bench_latency(model, tok, bank, fill_prompt(requests[0]), fill_prompt(requests[-1]), args.repeats)
     if args.edits:
-        edits = requests[: args.edits]
-        unrelated = requests[args.edits : args.edits + args.unrelated]
+        edits = requests[args.offset : args.offset + args.edits]
+        unrelated = requests[args.offset + args.edits : args.offset + args.edits + args.unrelated]
+        if len(edits) < args.edits:
+            parser.error(f"the world has {len(requests)} requests: too few for --offset {args.offset} --edits {args.edits}")
         bench_quality(model, tok, edits, unrelated, args.layer, config, args.batch, args.neighbours)
 
 

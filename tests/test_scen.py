@@ -273,3 +273,54 @@ def test_an_old_neuron_firing_on_a_new_contrast_key_is_recalibrated_and_keeps_it
             assert report.recalibrated == ["old"]
             assert bank.scores(near)[0, 0] < bank.theta < bank.scores(old_key)[0, 0]
             assert bank.scores(new_key)[0, 1] > bank.theta
+
+
+def test_contrasts_reuse_the_wordings_other_edits_trained_on():
+    """An edit's training paraphrases join the template vocabulary: other subjects are contrasted in
+    them, while the paraphrases held out for evaluation are never used."""
+    from editors.scen.model import contrast_prompts, fact_of
+
+    a = {"subject": "A", "prompt": "{} was born in", "relation": "P19", "target_new": "X",
+         "paraphrase_prompts": ["The hometown of A is", "A grew up in"]}
+    c = {"subject": "C", "prompt": "{} speaks", "relation": "P37", "target_new": "Y"}
+    fact_a, fact_c = fact_of(a, paraphrases=1), fact_of(c, paraphrases=1)
+    assert fact_a["templates"] == ["{} was born in", "The hometown of {} is"]
+    # C's neuron: C in both of A's trained wordings (another relation), A in C's template.
+    assert sorted(p for p, _ in contrast_prompts(fact_c, [fact_a], 8, seed=0)) == [
+        "A speaks", "C was born in", "The hometown of C is"]
+    # A's neuron: C swapped into both of A's wordings, A in C's; "{} grew up in" stays unseen.
+    assert sorted(p for p, _ in contrast_prompts(fact_a, [fact_c], 8, seed=0)) == [
+        "A speaks", "C was born in", "The hometown of C is"]
+
+
+def test_the_bank_keeps_the_hardest_contrasts_and_every_key_an_old_neuron_fired_on():
+    torch.manual_seed(0)
+    d_model, d_mlp, n_contrasts = 4, 16, 30
+    config = ScenConfig(rank=1, neuron_contrasts=5, recalibrate_steps=0)
+    old_key = torch.randn(1, d_mlp)
+    bank = ExpertBank(0, d_model, d_mlp, config)
+    bank.add([Expert("old", 0, torch.randn(1, d_mlp), torch.randn(d_model, 1))], [old_key],
+             [(torch.randn(20, d_mlp), [None] * 20)])
+    new_key = torch.randn(1, d_mlp)
+    # Contrasts at growing distance from the new positive, and one on the old neuron's own key.
+    contrasts = torch.cat([new_key + 0.2 * (i + 1) * torch.randn(1, d_mlp) for i in range(n_contrasts - 1)]
+                          + [old_key + 0.05 * torch.randn(1, d_mlp)])
+    questions = [f'["q{i}", "P1"]' for i in range(n_contrasts)]
+    report = bank.add([Expert("new", 0, torch.randn(1, d_mlp), torch.randn(d_model, 1))], [new_key],
+                      [(contrasts, questions)])
+    kept = {q for q in bank.key_question if q is not None}
+    assert report.old_firing == ["old"] and questions[-1] in kept  # kept for the old neuron's sake
+    # With recalibration off the neurons score as they did when the bank chose: it kept every contrast
+    # the old neuron fires on, and of the rest the 5 that come nearest to firing a neuron.
+    fired = {questions[i] for i in (bank.scores(contrasts)[:, 0] > bank.theta).nonzero().squeeze(1).tolist()}
+    hardness = (contrasts @ bank.neuron_w.T + bank.neuron_b).max(1).values
+    hardest = {questions[i] for i in hardness.topk(config.neuron_contrasts).indices.tolist()}
+    assert kept == fired | hardest and len(kept) < n_contrasts
+
+
+def test_an_empty_batch_changes_nothing(gpt2, tok, bank):
+    grown = bank.copy()
+    version, keys = grown.version, grown.keys.clone()
+    report = add_requests(gpt2, tok, grown, [])
+    assert report.experts == [] and grown.version == version and grown.ids == bank.ids
+    assert torch.equal(grown.keys, keys)

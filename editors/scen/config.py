@@ -24,7 +24,10 @@ class ScenConfig:
     neuron_lr: float = 5e-2
     neuron_steps: int = 60
     neuron_margin: float = 2.0  # margin loss: target logits theta_logit +/- margin
-    neuron_contrasts: int = 32  # contrast prompts of each kind per neuron (see model.contrast_prompts)
+    # Contrast prompts of each kind a new neuron trains on (see model.contrast_prompts), and how many
+    # of them, the nearest to firing a neuron, the bank keeps as negatives for later training.
+    neuron_candidates: int = 256
+    neuron_contrasts: int = 32
     # How many of a request's paraphrase prompts are extra positives. They are then training data: the
     # evaluation scores generality on the others (`held_out_paraphrases`).
     neuron_paraphrases: int = 1

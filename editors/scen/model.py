@@ -52,9 +52,9 @@ def request_id(request: Request) -> str:
     return f"{zlib.crc32(text.encode()):08x}"
 
 
-def template_of(request: Request) -> str:
-    """The request's prompt as a template with `{}` where the subject is."""
-    prompt = request["prompt"]
+def template_of(request: Request, prompt: str | None = None) -> str:
+    """The request's prompt (or a given one) as a template with `{}` where the subject is."""
+    prompt = request["prompt"] if prompt is None else prompt
     if "{}" in prompt:
         return prompt
     head, sep, tail = prompt.rpartition(request["subject"])
@@ -63,9 +63,23 @@ def template_of(request: Request) -> str:
     return head + "{}" + tail
 
 
-def fact_of(request: Request) -> dict[str, str | None]:
-    """What a neuron is about: subject, prompt template and relation (None when the dataset has none)."""
-    return {"subject": request["subject"], "template": template_of(request), "relation": request.get("relation")}
+def fact_of(request: Request, paraphrases: int = 0) -> dict[str, Any]:
+    """What a neuron is about: subject, relation (None when the dataset has none) and the templates of
+    the prompts that train it (the edit prompt first, then its first `paraphrases` paraphrases that
+    hold the subject). These templates are the wordings later contrasts reuse with other subjects."""
+    templates = [template_of(request)]
+    for p in list(request.get("paraphrase_prompts") or [])[:paraphrases]:
+        template = template_of(request, p) if "{}" in p or request["subject"] in p else ""
+        # Kept only when it formats: one `{}` and no other brace (CounterFact paraphrases carry free text).
+        if template.count("{") == template.count("}") == template.count("{}") == 1:
+            templates.append(template)
+    return {"subject": request["subject"], "template": templates[0], "templates": templates,
+            "relation": request.get("relation")}
+
+
+def _templates(fact: Mapping[str, Any]) -> list[str]:
+    # Banks saved before facts had "templates" hold the edit prompt's template alone.
+    return list(fact.get("templates") or [fact["template"]])
 
 
 def _question(fact: Mapping[str, Any]) -> str:
@@ -75,19 +89,20 @@ def _question(fact: Mapping[str, Any]) -> str:
 
 def contrast_prompts(fact: Mapping[str, Any], others: Sequence[Mapping[str, Any]], n: int, seed: int,
                      ) -> list[tuple[str, str]]:
-    """Negatives for a fact's neuron built from the edit history alone: its template with up to n other
+    """Negatives for a fact's neuron built from the edit history alone: its templates with up to n other
     edited subjects (same question, another subject) and, when relations are known, its subject in up
-    to n templates of other relations (same subject, another question). Pairs (prompt, question) so
-    that a later edit of exactly that question can drop them."""
+    to n of the other relations' templates that earlier edits trained on (same subject, another
+    question). Pairs (prompt, question) so that a later edit of exactly that question can drop them."""
     asked = {_question(f) for f in [fact, *others]}
     rng = random.Random(seed)
     swaps = sorted({f["subject"] for f in others if f["subject"] != fact["subject"]})
     # A contrast that asks an edited question is that fact's paraphrase, not a negative: skipped.
     swaps = [s for s in swaps if _question({**fact, "subject": s}) not in asked]
-    out = [(fact["template"].format(s), _question({**fact, "subject": s})) for s in rng.sample(swaps, min(n, len(swaps)))]
+    out = [(template.format(s), _question({**fact, "subject": s}))
+           for s in rng.sample(swaps, min(n, len(swaps))) for template in _templates(fact)]
     if fact["relation"] is not None:
-        templates = sorted({(f["template"], f["relation"]) for f in others if f["relation"] is not None
-                            and _question({**fact, "relation": f["relation"]}) not in asked})
+        templates = sorted({(t, f["relation"]) for f in others if f["relation"] is not None
+                            and _question({**fact, "relation": f["relation"]}) not in asked for t in _templates(f)})
         for template, relation in rng.sample(templates, min(n, len(templates))):
             out.append((template.format(fact["subject"]), _question({**fact, "relation": relation})))
     return out
@@ -386,9 +401,12 @@ class ExpertBank:
             facts: Sequence[Mapping[str, Any]] | None = None) -> AddReport:
         """Append experts with their positive keys ([p_i, d_mlp] each: last prompt tokens) and negative
         keys ([c_i, d_mlp]: other prompt tokens and contrast prompts, each with the question it asks or
-        None), train the new neurons against every other key, and recalibrate old neurons that fire on
-        any new key, positive or negative. Old experts are never touched."""
+        None), train the new neurons against every other key, keep of each expert's contrast keys the
+        hardest `neuron_contrasts`, and recalibrate old neurons that fire on any new key, positive or
+        negative. Old experts are never touched."""
         report = AddReport(experts=list(experts))
+        if not experts:
+            return report
         duplicate = sorted({e.request_id for e in experts} & set(self.ids))
         if duplicate or len({e.request_id for e in experts}) != len(experts):
             raise ValueError(f"requests already in the bank or repeated in the batch: {duplicate}")
@@ -416,12 +434,21 @@ class ExpertBank:
         self.b = torch.cat([self.b, torch.stack([f[1].float() for f in factors])])
         self.ids += [e.request_id for e in experts]
         self.facts += [dict(f) for f in facts]
+        n_kept = len(self.keys)
+        added_owner = torch.cat(owners)
+        added_question = [None] * len(new_keys) + [q for _, qs in negatives for q in qs]
         self.keys = torch.cat([self.keys, added])
-        self.key_owner = torch.cat([self.key_owner, *owners])
-        self.key_question += [None] * len(new_keys) + [q for _, qs in negatives for q in qs]
+        self.key_owner = torch.cat([self.key_owner, added_owner])
+        self.key_question += added_question
         w, b = train_neurons(self.keys, self._own(range(n_old, len(self.ids))), self.config)
         self.neuron_w = torch.cat([self.neuron_w, w])
         self.neuron_b = torch.cat([self.neuron_b, b])
+        # The new neurons trained on every candidate contrast; the bank keeps the hardest of them (and
+        # every key an old neuron fired on, which its recalibration below needs).
+        keep = self._hardest(added, added_owner, added_question, (old_scores > self.theta).any(1))
+        self.keys = torch.cat([self.keys[:n_kept], added[keep]])
+        self.key_owner = torch.cat([self.key_owner[:n_kept], added_owner[keep]])
+        self.key_question = self.key_question[:n_kept] + [q for q, k in zip(added_question, keep.tolist(), strict=True) if k]
         fired = (old_scores > self.theta).any(0).nonzero().squeeze(1).tolist()
         report.old_firing = [self.ids[i] for i in fired]
         if fired and self.config.recalibrate_steps > 0:
@@ -433,6 +460,19 @@ class ExpertBank:
         report.seconds_neurons = time.perf_counter() - start
         self.version += 1
         return report
+
+    def _hardest(self, keys: torch.Tensor, owner: torch.Tensor, question: Sequence[str | None],
+                 fired: torch.Tensor) -> torch.Tensor:
+        """[m] which of a batch's keys the bank keeps: positives and other prompt tokens, keys in `fired`,
+        and of each expert's contrast keys the `neuron_contrasts` that come nearest to firing a neuron."""
+        contrast = torch.tensor([q is not None for q in question], dtype=torch.bool)
+        keep = ~contrast | fired
+        logits = keys.float() @ self.neuron_w.T + self.neuron_b  # [m, n]
+        hardness = logits.max(1).values if logits.shape[1] else torch.zeros(len(keys))
+        for expert in owner[contrast].unique().tolist():
+            rows = ((owner == expert) & contrast).nonzero().squeeze(1)
+            keep[rows[hardness[rows].topk(min(len(rows), self.config.neuron_contrasts)).indices]] = True
+        return keep
 
     def copy(self) -> ExpertBank:
         """An independent copy (tensors cloned), e.g. to try a batch without changing this bank."""
@@ -527,15 +567,17 @@ def add_requests(
 ) -> AddReport:
     """Continual step: train an expert per new request (unless given, e.g. from parallel workers), read
     its prompt keys (plus `neuron_paraphrases` paraphrases), and add both to the bank."""
+    if not requests:
+        return AddReport()
     start = time.perf_counter()
     if experts is None:
         experts = [train_expert(model, tok, r, bank.layer, bank.config) for r in requests]
     seconds_experts = time.perf_counter() - start
-    facts = [fact_of(r) for r in requests]
     n_para = bank.config.neuron_paraphrases
+    facts = [fact_of(r, n_para) for r in requests]
     own = [[fill_prompt(r)] + [fill_prompt(r, p) for p in r.get("paraphrase_prompts", [])[:n_para]] for r in requests]
     contrasts = [
-        contrast_prompts(facts[i], bank.facts + facts[:i] + facts[i + 1 :], bank.config.neuron_contrasts,
+        contrast_prompts(facts[i], bank.facts + facts[:i] + facts[i + 1 :], bank.config.neuron_candidates,
                          seed=bank.config.seed + zlib.crc32(e.request_id.encode()))
         for i, e in enumerate(experts)
     ]
