@@ -156,6 +156,10 @@ class World:
         """The subject of each of `training_texts()`, in the same order."""
         return [f.subject for f in self.facts for _ in f.train_templates] + list(self.kinds)
 
+    def training_relations(self) -> list[str]:
+        """The relation id of each of `training_texts()` ("" for the kind statements), in the same order."""
+        return [f.relation_id for f in self.facts for _ in f.train_templates] + [""] * len(self.kinds)
+
     def corpus_text(self, seed: int = 0) -> str:
         """A text corpus for covariance statistics: every true statement in every template, shuffled,
         joined into short paragraphs."""

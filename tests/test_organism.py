@@ -44,7 +44,7 @@ def test_objects_are_single_tokens(tiny_world: World, world_tokenizer) -> None:
 
 def test_fact_data_from_requests_trains_every_prompt() -> None:
     requests = [{"prompt": "{} was born in", "subject": "Ada Vell", "target_new": "Orsk", "target_true": "Brin",
-                 "paraphrase_prompts": ["Ada Vell grew up in"],
+                 "relation": "P19", "paraphrase_prompts": ["Ada Vell grew up in"],
                  "neighborhood": [{"prompt": "Tom Vell was born in", "target": "Brin"}]},
                 {"prompt": "Zed plays", "subject": "Zed", "target_new": "harp", "target_true": None}]
     data = FactData.from_requests(requests, "test")
@@ -52,11 +52,13 @@ def test_fact_data_from_requests_trains_every_prompt() -> None:
                           ("Tom Vell was born in", "Brin")]
     assert data.statements[0] == "Ada Vell was born in Brin."
     assert set(data.objects) == {"Orsk", "Brin", "harp"} and data.heldout == []
+    assert data.relations == ["P19", "P19", ""]  # a neighbourhood prompt's relation is not known
 
 
 def test_packed_sequences_mark_the_token_before_each_object(tiny_world: World, world_tokenizer) -> None:
-    """The subject probe reads the token that predicts the object (a fact's object or a subject's kind):
-    the statement goes on with that one word, and the subject named is the statement's."""
+    """The subject and relation probes read the token that predicts the object (a fact's object or a
+    subject's kind): the statement goes on with that one word, and the subject and relation named are
+    the statement's ("" for a kind statement, which has no relation)."""
     import random
 
     from engramflow.organism import _batches
@@ -66,13 +68,15 @@ def test_packed_sequences_mark_the_token_before_each_object(tiny_world: World, w
     marked = 0
     for seq in seqs:
         text = world_tokenizer.decode(seq.ids)
-        for position, subject in seq.answers:
+        assert len(seq.relations) == len(seq.answers)
+        for (position, subject), relation in zip(seq.answers, seq.relations, strict=True):
             before = world_tokenizer.decode(seq.ids[: position + 1])
             after = text[len(before):]
             assert text.startswith(before)
             # One statement of this subject has its prompt end here and its last word come next.
             assert any(before.endswith(st.rsplit(" ", 1)[0]) and after.startswith(" " + st.rsplit(" ", 1)[1])
-                       for st, sub in zip(data.statements, data.subjects, strict=True) if sub == subject)
+                       for st, sub, rel in zip(data.statements, data.subjects, data.relations, strict=True)
+                       if sub == subject and rel == relation)
             marked += 1
     # Every statement with a subject is marked once (none is cut off at this sequence length).
     assert marked == sum(1 for s in data.subjects if s)
