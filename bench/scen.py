@@ -198,22 +198,25 @@ def bench_quality(model: nn.Module, tok: Any, requests: list[dict], unrelated: l
     previous = replace(config, neuron_sharpness=20.0, neuron_candidates=16, neuron_contrasts=10**6, neuron_paraphrases=0,
                        recalibrate_steps=0)
     variants = {
-        f"default (margin loss, matched init, sharpness {config.neuron_sharpness:g}, {config.neuron_candidates} "
-        f"candidate contrasts of each kind, {config.neuron_contrasts} kept, {config.neuron_paraphrases} paraphrase, "
-        f"recalibration {config.recalibrate_steps})": config,
+        "default": config,
         "no paraphrase positive": replace(config, neuron_paraphrases=0),
-        "no recalibration of old neurons": replace(config, recalibrate_steps=0),
+        "no recalibration": replace(config, recalibrate_steps=0),
         "sharpness 20": replace(config, neuron_sharpness=20.0),
-        "every candidate contrast kept": replace(config, neuron_contrasts=10**6),
-        "32 candidates of each kind, all kept": replace(config, neuron_candidates=32, neuron_contrasts=10**6),
+        "every candidate kept": replace(config, neuron_contrasts=10**6),
+        "32 candidates, all kept": replace(config, neuron_candidates=32, neuron_contrasts=10**6),
         "no contrast prompts": replace(config, neuron_candidates=0),
         "margin loss, zero init": replace(config, neuron_init="zero"),
         "reference loss, zero init": replace(config, neuron_loss="reference", neuron_init="zero"),
-        "previous default (sharpness 20, 16 candidates all kept, no paraphrase, no recalibration)": previous,
+        "previous default": previous,
     }
+    console.print(f"default: {config.neuron_loss} loss, {config.neuron_init} init, sharpness {config.neuron_sharpness:g}, "
+                  f"{config.neuron_candidates} candidate contrasts of each kind of which {config.neuron_contrasts} kept, "
+                  f"{config.neuron_paraphrases} paraphrase positive, recalibration {config.recalibrate_steps} steps; "
+                  "previous default: sharpness 20, 16 candidates all kept, no paraphrase, no recalibration")
     table = Table(title=f"{len(requests)} sequential edits in batches of {batch}, layer {layer} "
                         f"(+{len(unrelated)} unedited facts)")
-    for col in ("neurons", "reliability", "generality (all para.)", "gen. held-out para.", "locality", "loc. neighbours",
+    table.add_column("neurons", no_wrap=True)
+    for col in ("reliability", "generality (all para.)", "gen. held-out para.", "locality", "loc. neighbours",
                 "loc. unrelated", "routing acc.",
                 "old neurons firing / recal.", "bank keys", "neuron s"):
         table.add_column(col, justify="right")
