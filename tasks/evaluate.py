@@ -48,6 +48,8 @@ def score_version(model: Any, tok: Any, originals: dict[int, Any], edited: list[
     """Metric rows (request_id, protocol, metric, value) of `model`; `originals` holds W₀ per edited layer."""
     from editors import metrics
 
+    # Neighbours that are prompts of this run's edits are meant to move: NS is read on the others.
+    edited = metrics.without_edited_neighbours(edited)
     scen = getattr(model, "_scen", None)
     if scen is not None:
         from editors.scen import attached, held_out_paraphrases

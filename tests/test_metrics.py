@@ -169,3 +169,29 @@ def test_prompt_template_is_filled_and_targets_must_exist(model, tiny_tokenizer)
     assert metrics.fill_prompt(_request()) == PROMPT
     with pytest.raises(ValueError, match="empty target"):
         metrics.score_targets(model, tiny_tokenizer, [(PROMPT, " ")])
+
+
+def test_a_neighbour_that_another_edit_asks_is_left_out_of_ns(model, tiny_tokenizer) -> None:
+    """In a run that edits both France and Italy, Italy's prompt is meant to move: the evaluation stage
+    reads France's NS/NM on its other neighbour only; edited alone, France keeps both."""
+    from tasks.evaluate import score_version
+
+    france = _request(neighborhood=[{"prompt": "The capital of Italy is", "target": "Rome"},
+                                    {"prompt": "The capital of Spain is", "target": "Madrid"}],
+                      generation_prompts=[])
+    italy = _request(request_id="r1", subject="Italy", target_new="Paris", target_true="Rome",
+                     paraphrase_prompts=[], neighborhood=[], generation_prompts=[])
+    assert metrics.without_edited_neighbours([france, italy])[0]["neighborhood"] == [france["neighborhood"][1]]
+    assert metrics.without_edited_neighbours([france])[0]["neighborhood"] == france["neighborhood"]
+
+    def nm(edited: list[dict]) -> float:
+        rows = score_version(model, tiny_tokenizer, {}, edited, [], ["The capital of Spain is Madrid."])
+        return next(r["value"] for r in rows if r["request_id"] == "r0" and r["metric"] == "nm")
+
+    def expected(neighbours: list[dict]) -> float:
+        rows = metrics.counterfact_metrics(model, tiny_tokenizer, [{**france, "neighborhood": neighbours}])
+        return next(r["value"] for r in rows if r["metric"] == "nm")
+
+    assert nm([france, italy]) == pytest.approx(expected(france["neighborhood"][1:]))
+    assert nm([france]) == pytest.approx(expected(france["neighborhood"]))
+    assert expected(france["neighborhood"][1:]) != pytest.approx(expected(france["neighborhood"]))
