@@ -138,8 +138,15 @@ The relation probe (`relation_id_weight`, off on the default): the same auxiliar
   |---|---|---|
   | default | 1.000 / 0.825 / 1.000 / 0.963; 1.000 / 0.870 / 0.983 / 0.967 | 1.000 / 0.815 / 1.000 / 0.961; 0.995 / 0.860 / 0.986 / 0.965 |
   | + relation probe 3.0 | 1.000 / 0.990 / 0.990 / 0.996; 1.000 / 0.990 / 0.974 / 0.979 | 1.000 / 0.990 / 0.993 / 0.997; 1.000 / 0.985 / 0.995 / 0.991 |
-  It is not the default yet: every locate-and-edit preset was measured on the organism without it, and
-  its targets and MEMIT batches have not been measured on it.
+  The pipeline, 200 edits in batches of 50 (`engramflow run experts` / `run sequential -a memit`; ES /
+  PS / NS, unrelated-probe top-1 and perplexity unedited -> final):
+  | organism | SCEN | MEMIT |
+  |---|---|---|
+  | default | 1.000 / 0.865 / 0.997, 0.955 -> 0.955, 3.94 -> 3.94 | 0.980 / 0.915 / 0.798, 0.955 -> 0.955, 3.94 -> 5.99 |
+  | + relation probe 3.0 | 1.000 / 0.975 / 1.000, 1.000 -> 1.000, 3.81 -> 3.81 | 0.950 / 0.922 / 0.778, 1.000 -> 0.864, 3.81 -> 6.44 |
+  So it helps SCEN and costs MEMIT (a presumption, not traced: relation-naming states at the last
+  token are what MEMIT's edits at layer 0 now disturb more). It stays off: every locate-and-edit preset
+  was tuned on the organism without it.
 Every build records its own numbers (accuracies, epochs, tokens/s, seconds, history) in
 `organism.json` beside the weights.
 """
