@@ -108,7 +108,7 @@ The subject probe (`subject_id_weight`, 3.0 on the default; the tiny organism of
   probe that state told templates apart, not subjects: SCEN changed the answer of 29% of the prompts
   that ask an edited fact's question of another subject (locality 0.709). A linear probe, trained with the
   model and then discarded, names the statement's subject from the last layer's MLP input at the token
-  before the object (`_subject_id_loss`), in the plain run and in the interchanged one; in the latter
+  before the object (`_probe_loss`), in the plain run and in the interchanged one; in the latter
   only the restored activation at the subject's last token knows the subject, so the name reaches the
   last token the way the facts do. Default config, both threads; SCEN with its default neurons
   (sharpness 20) over 200 sequential edits; MEMIT targets and four batches of 50 as in its preset:
@@ -127,7 +127,7 @@ The subject probe (`subject_id_weight`, 3.0 on the default; the tiny organism of
   SCEN the better keys but never reaches the early-stop targets, and its build alone would take the
   demo past 15 minutes.
 The relation probe (`relation_id_weight`, off on the default): the same auxiliary loss naming the
-  statement's relation at the same place (`_relation_targets`). SCEN's remaining locality misses on the
+  statement's relation at the same place (`_probe_targets`). SCEN's remaining locality misses on the
   default are an edited subject asked another relation in a wording its neuron never met; a state that
   names the relation as plainly as the subject lets one neuron cover every wording. Weight 3.0 next to the
   subject probe's 3.0 (both threads, while the test suite ran beside it): early stop at epoch 24,
@@ -166,7 +166,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 import torch
@@ -225,9 +225,9 @@ class OrganismConfig:
     interchange_context: int = 8
     # Weight of an auxiliary loss (0 = off) that asks a linear probe, trained alongside and then
     # discarded, to name the statement's subject from the last layer's MLP input at the token that
-    # predicts the object, in the plain and the interchanged run (see `_subject_id_loss`).
+    # predicts the object, in the plain and the interchanged run (see `_probe_loss`).
     subject_id_weight: float = 3.0
-    # The same for the statement's relation (0 = off; see `_relation_targets`).
+    # The same for the statement's relation (0 = off; see `_probe_targets`).
     relation_id_weight: float = 0.0
     architecture: str = "llama"  # "llama" (rotary positions) or "gpt2" (learned absolute positions)
     prefix_space: bool = True  # tokenizer: a text's first word spelled as after a space
@@ -351,14 +351,21 @@ def evaluate_organism(model: torch.nn.Module, tok: Any, world: World | FactData)
 
 
 # --- training ----------------------------------------------------------------------------------------
+class Answer(NamedTuple):
+    """Where a statement's object is predicted, and what the probes should name there."""
+
+    position: int  # the token before the object
+    subject: str
+    relation: str  # "" if none
+
+
 @dataclass
 class Packed:
     """One packed training sequence and where its subjects are."""
 
     ids: list[int]
     subjects: list[tuple[int, int, bool]]  # (first token, last token, written after a space)
-    answers: list[tuple[int, str]] = field(default_factory=list)  # (token before the object, subject)
-    relations: list[str] = field(default_factory=list)  # the relation of each of `answers` ("" if none)
+    answers: list[Answer] = field(default_factory=list)
 
 
 def _batches(data: FactData, tok: Any, cfg: OrganismConfig, rng: random.Random) -> list[Packed]:
@@ -383,8 +390,8 @@ def _batches(data: FactData, tok: Any, cfg: OrganismConfig, rng: random.Random) 
         ids, offsets = encode(tok, text)
         ids, offsets = ids[: cfg.n_positions], offsets[: cfg.n_positions]
         # Kept when the object's token is in the sequence (the prompt ends before the last token starts).
-        kept = [(char_to_token(offsets, end), subject, relation) for end, subject, relation in ends
-                if end < offsets[-1][0]]
+        answers = [Answer(char_to_token(offsets, end), subject, relation) for end, subject, relation in ends
+                   if end < offsets[-1][0]]
         subjects = []
         for begin, end in spans:
             if end > offsets[-1][1]:  # cut off by n_positions
@@ -392,7 +399,7 @@ def _batches(data: FactData, tok: Any, cfg: OrganismConfig, rng: random.Random) 
             first, last = char_to_token(offsets, begin), char_to_token(offsets, end - 1)
             if offsets[first][0] >= begin - 1:  # not merged into a token before it
                 subjects.append((first, last, begin > 0 and text[begin - 1] == " "))
-        seqs.append(Packed(ids, subjects, [(p, s) for p, s, _ in kept], [r for _, _, r in kept]))
+        seqs.append(Packed(ids, subjects, answers))
     return seqs
 
 
@@ -485,21 +492,15 @@ def _subject_in_new_context(model: torch.nn.Module, subjects: list[list[int]], s
     return seen["mlp"][torch.arange(len(sources)), torch.tensor([len(q) - 1 for q in sources])]
 
 
-def _probe_targets(seqs: list[Packed], subject_ids: dict[str, int]) -> tuple[torch.Tensor, ...] | None:
-    """(rows, positions, subject labels) of every statement's last prompt token in a batch, or None."""
-    found = [(r, position, subject_ids[subject]) for r, seq in enumerate(seqs)
-             for position, subject in seq.answers if subject in subject_ids]
+def _probe_targets(seqs: list[Packed], name: str, label_ids: dict[str, int]) -> tuple[torch.Tensor, ...] | None:
+    """(rows, positions, labels) of every statement's last prompt token in a batch for the probe that
+    names its `name` ("subject" or "relation"), or None."""
+    found = [(r, answer.position, label_ids[getattr(answer, name)]) for r, seq in enumerate(seqs)
+             for answer in seq.answers if getattr(answer, name) in label_ids]
     return tuple(torch.tensor(column) for column in zip(*found, strict=True)) if found else None
 
 
-def _relation_targets(seqs: list[Packed], relation_ids: dict[str, int]) -> tuple[torch.Tensor, ...] | None:
-    """(rows, positions, relation labels) of every statement's last prompt token in a batch, or None."""
-    found = [(r, position, relation_ids[relation]) for r, seq in enumerate(seqs)
-             for (position, _), relation in zip(seq.answers, seq.relations, strict=True) if relation in relation_ids]
-    return tuple(torch.tensor(column) for column in zip(*found, strict=True)) if found else None
-
-
-def _subject_id_loss(mlp_input: torch.Tensor, targets: tuple[torch.Tensor, ...], probe: torch.nn.Linear,
+def _probe_loss(mlp_input: torch.Tensor, targets: tuple[torch.Tensor, ...], probe: torch.nn.Linear,
                      ) -> torch.Tensor:
     """Cross-entropy of a linear probe that names the subject from the last layer's MLP input at each
     statement's last prompt token (the token that predicts the object).
@@ -584,14 +585,15 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     # The subject probe is trained with the model and discarded: it is not part of the saved model.
-    subject_ids = {s: i for i, s in enumerate(sorted(set(data.subjects) - {""}))}
-    relation_ids = {r: i for i, r in enumerate(sorted(set(data.relations) - {""}))}
+    label_ids = {name: {v: i for i, v in enumerate(sorted(set(values) - {""}))}
+                 for name, values in (("subject", data.subjects), ("relation", data.relations))}
+    weights = {"subject": cfg.subject_id_weight, "relation": cfg.relation_id_weight}
     probe_hooks = []
     probes: dict[str, torch.nn.Linear] = {}
-    if cfg.subject_id_weight > 0:
-        probes["subject"] = torch.nn.Linear(cfg.n_embd, max(1, len(subject_ids)))
-    if cfg.relation_id_weight > 0 and relation_ids:
-        probes["relation"] = torch.nn.Linear(cfg.n_embd, len(relation_ids))
+    if weights["subject"] > 0:
+        probes["subject"] = torch.nn.Linear(cfg.n_embd, max(1, len(label_ids["subject"])))
+    if weights["relation"] > 0 and label_ids["relation"]:
+        probes["relation"] = torch.nn.Linear(cfg.n_embd, len(label_ids["relation"]))
     for probe in probes.values():
         decay += [probe.weight]
         no_decay += [probe.bias]
@@ -603,9 +605,9 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
     def probe_loss(targets: dict[str, tuple[torch.Tensor, ...] | None]) -> torch.Tensor | float:
         """The probes' weighted loss on the latest forward (0 when they are off)."""
         loss: torch.Tensor | float = 0.0
-        for name, weight in (("subject", cfg.subject_id_weight), ("relation", cfg.relation_id_weight)):
-            if name in probes and targets[name] is not None:
-                loss = loss + weight * _subject_id_loss(clean["last_mlp_input"], targets[name], probes[name])
+        for name, probe in probes.items():
+            if targets[name] is not None:
+                loss = loss + weights[name] * _probe_loss(clean["last_mlp_input"], targets[name], probe)
         return loss
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
@@ -644,8 +646,7 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
                 finally:
                     handle.remove()
                 # Where the probe reads and what it should name: the same for the plain and the interchanged run.
-                targets = {"subject": _probe_targets(chunk, subject_ids) if "subject" in probes else None,
-                           "relation": _relation_targets(chunk, relation_ids) if "relation" in probes else None}
+                targets = {name: _probe_targets(chunk, name, label_ids[name]) for name in probes}
                 loss = loss + probe_loss(targets)
                 if cfg.interchange_weight > 0:
                     swap = _interchange_loss(model, ids, mask, labels, chunk, clean["mlp"], store_mlp, pool, rng,

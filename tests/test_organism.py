@@ -68,8 +68,7 @@ def test_packed_sequences_mark_the_token_before_each_object(tiny_world: World, w
     marked = 0
     for seq in seqs:
         text = world_tokenizer.decode(seq.ids)
-        assert len(seq.relations) == len(seq.answers)
-        for (position, subject), relation in zip(seq.answers, seq.relations, strict=True):
+        for position, subject, relation in seq.answers:
             before = world_tokenizer.decode(seq.ids[: position + 1])
             after = text[len(before):]
             assert text.startswith(before)
