@@ -7,6 +7,8 @@ find the subject's tokens, right-padded batches, and forward hooks that read or 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -139,6 +141,31 @@ def pad_batch(seqs: Sequence[Sequence[int]], device: torch.device) -> tuple[torc
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
+
+
+# --- the KV cache under either transformers name ------------------------------------------------
+# transformers 5 names the KV cache `cache` (in a forward's arguments and its output) and deprecates
+# `past_key_values`, the name of every earlier version.
+@functools.cache
+def _cache_keyword(forward_owner: type) -> str:
+    return "cache" if "cache" in inspect.signature(forward_owner.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(module: nn.Module, cache: object) -> dict[str, object]:
+    """`cache` as the keyword argument `module`'s forward takes it."""
+    return {_cache_keyword(type(module)): cache}
+
+
+def passed_cache(kwargs: Mapping[str, object]) -> object:
+    """The KV cache a forward was given (None if none), from its keyword arguments."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def returned_cache(output: object) -> object:
+    """The KV cache a forward returned."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 # --- hooks -------------------------------------------------------------------------------------

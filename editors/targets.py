@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import inspect
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -37,10 +36,12 @@ from editors.keys import (
     Request,
     RequestError,
     StopForward,
+    cache_kwargs,
     encode,
     eval_mode,
     fact_position,
     pad_batch,
+    returned_cache,
     subject_span,
 )
 
@@ -379,7 +380,7 @@ class PromptChunk:
         count from the fact token."""
         if self.prefix_ids is not None:
             out = model.base_model(input_ids=self.prefix_ids, attention_mask=self.prefix_mask, use_cache=True)
-            self.prefix_cache = _returned_cache(out)
+            self.prefix_cache = returned_cache(out)
 
     @torch.no_grad()
     def record_blocks(self, model: nn.Module, layer: int) -> None:
@@ -426,21 +427,9 @@ class PromptChunk:
         if self.prefix_cache is None:
             raise RuntimeError("a chunk split at the fact token needs cache_prefix(model) before its forwards")
         # A copy: the forward appends the chunk's own keys and values to the cache it is given.
-        cache = {_cache_argument(model.base_model): copy.deepcopy(self.prefix_cache)}
+        cache = cache_kwargs(model.base_model, copy.deepcopy(self.prefix_cache))
         return model.base_model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position_ids,
                                 use_cache=True, **cache).last_hidden_state
-
-
-def _cache_argument(module: nn.Module) -> str:
-    """The KV-cache keyword of a transformers forward: `cache` from transformers 5 (which deprecates
-    `past_key_values` and will drop it), `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
-def _returned_cache(output: Any) -> Any:
-    """The KV cache a forward returned, under either version's name."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
 
 
 class _Replay(nn.Module):

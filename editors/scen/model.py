@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from editors.adapters import adapter_for
-from editors.keys import eval_mode
+from editors.keys import eval_mode, passed_cache
 from editors.scen.config import ScenConfig
 from editors.scen.layer import NO_EXPERT, ScenLayer
 
@@ -599,8 +599,7 @@ def add_requests(
 # --- inference ------------------------------------------------------------------------------------------
 def _begin_prompt_hook(layer: ScenLayer) -> Any:
     def hook(_model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        # transformers 5 passes the KV cache as `cache`, earlier versions as `past_key_values`.
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        cache = passed_cache(kwargs)
         ids = kwargs.get("input_ids", args[0] if args else None)
         previous, layer.last_input_ids = layer.last_input_ids, ids
         if cache is not None and cache.get_seq_length() > 0:
