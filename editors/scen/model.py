@@ -69,9 +69,11 @@ def fact_of(request: Request, paraphrases: int = 0) -> dict[str, Any]:
     hold the subject). These templates are the wordings later contrasts reuse with other subjects."""
     templates = [template_of(request)]
     for p in list(request.get("paraphrase_prompts") or [])[:paraphrases]:
-        template = template_of(request, p) if "{}" in p or request["subject"] in p else ""
-        # Kept only when it formats: one `{}` and no other brace (CounterFact paraphrases carry free text).
-        if template.count("{") == template.count("}") == template.count("{}") == 1:
+        if "{}" not in p and request["subject"] not in p:
+            continue  # no subject, no template
+        template = template_of(request, p)
+        # Kept only when it formats: its `{}` and no other brace (CounterFact paraphrases carry free text).
+        if template.count("{") == template.count("}") == 1:
             templates.append(template)
     return {"subject": request["subject"], "template": templates[0], "templates": templates,
             "relation": request.get("relation")}
@@ -331,6 +333,11 @@ def train_neurons(
 
 
 # --- the bank -------------------------------------------------------------------------------------------
+def _owned_by(owner: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """[len(rows), m]: which of m keys (owner [m], see ExpertBank.key_owner) are each neuron's positives."""
+    return owner[None, :] == torch.tensor(list(rows), dtype=torch.long)[:, None]
+
+
 @dataclass
 class AddReport:
     """What adding a batch did: experts trained, old neurons that fired on new prompts, recalibration."""
@@ -389,8 +396,8 @@ class ExpertBank:
         return 4 * (r * (self.d_model + self.d_mlp) + self.d_mlp + 1)
 
     def _own(self, rows: Sequence[int]) -> torch.Tensor:
-        """[len(rows), m]: which keys are each of these neurons' positives."""
-        return self.key_owner[None, :] == torch.tensor(list(rows), dtype=torch.long)[:, None]
+        """[len(rows), m]: which of the bank's keys are each of these neurons' positives."""
+        return _owned_by(self.key_owner, rows)
 
     def scores(self, keys: torch.Tensor) -> torch.Tensor:
         """Neuron activations on keys [m, d_mlp]: [m, n]."""
@@ -434,22 +441,21 @@ class ExpertBank:
         self.b = torch.cat([self.b, torch.stack([f[1].float() for f in factors])])
         self.ids += [e.request_id for e in experts]
         self.facts += [dict(f) for f in facts]
-        n_kept = len(self.keys)
         added_owner = torch.cat(owners)
         added_question = [None] * len(new_keys) + [q for _, qs in negatives for q in qs]
-        self.keys = torch.cat([self.keys, added])
-        self.key_owner = torch.cat([self.key_owner, added_owner])
-        self.key_question += added_question
-        w, b = train_neurons(self.keys, self._own(range(n_old, len(self.ids))), self.config)
+        # The new neurons train on every candidate contrast; the bank keeps only the hardest of them (and
+        # every key an old neuron fired on, which its recalibration below needs).
+        w, b = train_neurons(torch.cat([self.keys, added]),
+                             _owned_by(torch.cat([self.key_owner, added_owner]), range(n_old, len(self.ids))),
+                             self.config)
         self.neuron_w = torch.cat([self.neuron_w, w])
         self.neuron_b = torch.cat([self.neuron_b, b])
-        # The new neurons trained on every candidate contrast; the bank keeps the hardest of them (and
-        # every key an old neuron fired on, which its recalibration below needs).
-        keep = self._hardest(added, added_owner, added_question, (old_scores > self.theta).any(1))
-        self.keys = torch.cat([self.keys[:n_kept], added[keep]])
-        self.key_owner = torch.cat([self.key_owner[:n_kept], added_owner[keep]])
-        self.key_question = self.key_question[:n_kept] + [q for q, k in zip(added_question, keep.tolist(), strict=True) if k]
-        fired = (old_scores > self.theta).any(0).nonzero().squeeze(1).tolist()
+        firing = old_scores > self.theta  # [m_added, n_old]
+        keep = self._hardest(added, added_owner, added_question, firing.any(1))
+        self.keys = torch.cat([self.keys, added[keep]])
+        self.key_owner = torch.cat([self.key_owner, added_owner[keep]])
+        self.key_question += [q for q, k in zip(added_question, keep.tolist(), strict=True) if k]
+        fired = firing.any(0).nonzero().squeeze(1).tolist()
         report.old_firing = [self.ids[i] for i in fired]
         if fired and self.config.recalibrate_steps > 0:
             w, b = train_neurons(self.keys, self._own(fired), self.config,
