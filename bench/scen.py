@@ -48,6 +48,7 @@ from engramflow import home
 
 console = Console(width=150)
 MB = 1024 * 1024
+KEEP_ALL = 10**6  # neuron_contrasts that keeps every candidate contrast
 
 
 def _requests(n: int, world: str) -> list[dict[str, Any]]:
@@ -195,15 +196,15 @@ def bench_quality(model: nn.Module, tok: Any, requests: list[dict], unrelated: l
             base_next[n["prompt"]] = next_token(model, tok, n["prompt"])
     for r in unrelated:
         base_next[fill_prompt(r)] = next_token(model, tok, fill_prompt(r))
-    previous = replace(config, neuron_sharpness=20.0, neuron_candidates=16, neuron_contrasts=10**6, neuron_paraphrases=0,
+    previous = replace(config, neuron_sharpness=20.0, neuron_candidates=16, neuron_contrasts=KEEP_ALL, neuron_paraphrases=0,
                        recalibrate_steps=0)
     variants = {
         "default": config,
         "no paraphrase positive": replace(config, neuron_paraphrases=0),
         "no recalibration": replace(config, recalibrate_steps=0),
         "sharpness 20": replace(config, neuron_sharpness=20.0),
-        "every candidate kept": replace(config, neuron_contrasts=10**6),
-        "32 candidates, all kept": replace(config, neuron_candidates=32, neuron_contrasts=10**6),
+        "every candidate kept": replace(config, neuron_contrasts=KEEP_ALL),
+        "32 candidates, all kept": replace(config, neuron_candidates=32, neuron_contrasts=KEEP_ALL),
         "no contrast prompts": replace(config, neuron_candidates=0),
         "margin loss, zero init": replace(config, neuron_init="zero"),
         "reference loss, zero init": replace(config, neuron_loss="reference", neuron_init="zero"),
@@ -263,6 +264,8 @@ def main() -> None:
     if args.layer is None:
         args.layer = default_layer(adapter_for(model).n_layers(model))
     requests = _requests(max(args.experts, args.offset + max(args.edits, 0) + args.unrelated), args.world)
+    if len(requests) < args.offset + args.edits:
+        parser.error(f"the world has {len(requests)} requests: too few for --offset {args.offset} --edits {args.edits}")
     experts = bench_experts(model, tok, requests[: args.experts], args.layer, config)
     bank = ExpertBank.for_model(model, args.layer, config)
     add_requests(model, tok, bank, requests[: args.experts], experts)
@@ -276,8 +279,6 @@ def main() -> None:
     if args.edits:
         edits = requests[args.offset : args.offset + args.edits]
         unrelated = requests[args.offset + args.edits : args.offset + args.edits + args.unrelated]
-        if len(edits) < args.edits:
-            parser.error(f"the world has {len(requests)} requests: too few for --offset {args.offset} --edits {args.edits}")
         bench_quality(model, tok, edits, unrelated, args.layer, config, args.batch, args.neighbours)
 
 
