@@ -12,13 +12,13 @@ from collections.abc import Callable
 
 import torch
 
-import editors
-from editors.covariance import iter_texts, partial_stats
-from editors.hparams import load_preset
-from editors.keys import context_prefixes, normalise_requests, pad_batch
-from editors.targets import compute_targets
+from engramflow import editors
+from engramflow.data.world import default_world
+from engramflow.editors.covariance import iter_texts, partial_stats
+from engramflow.editors.hparams import load_preset
+from engramflow.editors.keys import context_prefixes, normalise_requests, pad_batch
+from engramflow.editors.targets import compute_targets
 from engramflow.organism import load_model
-from engramflow.world import default_world
 
 
 def world_requests() -> list[dict]:

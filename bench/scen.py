@@ -28,8 +28,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from editors.adapters import adapter_for
-from editors.scen import (
+from engramflow import home
+from engramflow.editors.adapters import adapter_for
+from engramflow.editors.scen import (
     Expert,
     ExpertBank,
     ScenConfig,
@@ -43,8 +44,7 @@ from editors.scen import (
     target_correct,
     train_expert,
 )
-from editors.scen.config import default_layer
-from engramflow import home
+from engramflow.editors.scen.config import default_layer
 
 console = Console(width=150)
 MB = 1024 * 1024
@@ -53,10 +53,10 @@ KEEP_ALL = 10**6  # neuron_contrasts that keeps every candidate contrast
 
 def _requests(n: int, world: str) -> list[dict[str, Any]]:
     """The first n requests of the embedded world (`world`), the tiny world (`world-tiny`) or an export."""
-    from engramflow.ingest import load_requests
+    from engramflow.data.ingest import load_requests
 
     if world == "world-tiny":
-        from engramflow.world import tiny_world
+        from engramflow.data.world import tiny_world
 
         world = str(tiny_world().write_counterfact(home.get_home() / "world-tiny.json"))
     requests, _rejects = load_requests(world, "world")

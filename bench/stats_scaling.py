@@ -19,7 +19,7 @@ def bare_forward_tokens_per_second(model, tok, texts: list[str], max_tokens: int
     """Forward passes only (no hooks, no accumulation), batched as the statistics stage batches."""
     import torch
 
-    from editors.keys import pad_batch
+    from engramflow.editors.keys import pad_batch
 
     torch.set_num_threads(threads)
     n, batch = 0, []
@@ -56,10 +56,10 @@ def main() -> None:
     model_dir = resolve_model(args.model)  # build before timing anything
     os.environ["ENGRAMFLOW_STORE"] = tempfile.mkdtemp(prefix="stats-bench-")
 
+    from engramflow.flows.stats import stats_flow
     from engramflow.runtime import pipeline_runtime, task_runner
-    from flows.stats import stats_flow
-    from storage import Store
-    from tasks.stats import corpus_texts
+    from engramflow.storage import Store
+    from engramflow.tasks.stats import corpus_texts
 
     texts = corpus_texts(args.corpus)
     model, tok = load_model(model_dir)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from storage import Store
+from engramflow.storage import Store
 
 
 def stable_id(prefix: str, *parts: Any) -> str:
@@ -105,7 +105,7 @@ def save_delta(store: Store, delta: Any) -> str:
 
 
 def load_delta(store: Store, key: str) -> Any:
-    from editors.delta import Delta
+    from engramflow.editors.delta import Delta
 
     return Delta.from_tensors(store.get_tensors(key), store.tensor_metadata(key))
 
@@ -113,7 +113,7 @@ def load_delta(store: Store, key: str) -> Any:
 def materialize(store: Store, version: Version | str, device: str = "cpu") -> tuple[Any, Any]:
     """Load the base model of `version`, apply its deltas in order and attach its expert bank:
     (model, tokenizer)."""
-    from editors.adapters import adapter_for
+    from engramflow.editors.adapters import adapter_for
     from engramflow.organism import load_model
 
     if isinstance(version, str):
@@ -126,7 +126,7 @@ def materialize(store: Store, version: Version | str, device: str = "cpu") -> tu
         for layer in delta.layers:
             adapter.add_to_down_weight(model, layer, delta.matrix(layer))
     if version.bank_key:
-        from editors import scen
+        from engramflow.editors import scen
 
         bank = load_bank(store, version.bank_key)
         scen.attach(model, bank.layer, bank)
@@ -134,7 +134,7 @@ def materialize(store: Store, version: Version | str, device: str = "cpu") -> tu
 
 
 def load_bank(store: Store, key: str) -> Any:
-    from editors.scen import ExpertBank
+    from engramflow.editors.scen import ExpertBank
 
     return ExpertBank.from_tensors(store.get_tensors(key), store.tensor_metadata(key), source=f"tensor {key}")
 

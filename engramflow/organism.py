@@ -183,10 +183,17 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from editors.adapters import adapter_for
-from editors.keys import StopForward, char_to_token, encode, pad_batch, run_until_stop, subject_span
 from engramflow import home
-from engramflow.world import World, default_world, tiny_world
+from engramflow.data.world import World, default_world, tiny_world
+from engramflow.editors.adapters import adapter_for
+from engramflow.editors.keys import (
+    StopForward,
+    char_to_token,
+    encode,
+    pad_batch,
+    run_until_stop,
+    subject_span,
+)
 
 log = logging.getLogger(__name__)
 EOS = "<|endoftext|>"
@@ -724,7 +731,7 @@ def build_organism(tiny: bool = False, facts: str | os.PathLike[str] | None = No
     (and its ingest `format`) it learns any fact set the ingest stage reads."""
     cfg = config or (TINY_CONFIG if tiny else DEFAULT_CONFIG)
     if facts is not None:
-        from engramflow.ingest import load_requests
+        from engramflow.data.ingest import load_requests
 
         if format is None:
             raise ValueError("--facts needs --format (an ingest format name)")

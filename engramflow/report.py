@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from engramflow.ledger import Version, get_version, load_bank, stable_id
-from storage import Store
-from storage import queries as q
+from engramflow.storage import Store
+from engramflow.storage import queries as q
 
 Series = dict[int, float]  # step -> value
 

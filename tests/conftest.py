@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from engramflow import home
-from engramflow.world import World
-from engramflow.world import tiny_world as make_tiny_world
+from engramflow.data.world import World
+from engramflow.data.world import tiny_world as make_tiny_world
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers as T
 
-from editors.adapters import ADAPTERS, UnknownModelType, adapter_for
+from engramflow.editors.adapters import ADAPTERS, UnknownModelType, adapter_for
 
 D_MODEL, D_MLP, VOCAB = 32, 64, 128
 _LLAMA = dict(num_hidden_layers=2, hidden_size=D_MODEL, num_attention_heads=2, num_key_value_heads=2,

@@ -9,12 +9,25 @@ import torch
 import transformers as T
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-import editors
-from editors.adapters import adapter_for
-from editors.covariance import partial_stats, reduce_stats, shard_texts
-from editors.delta import Delta, DeltaError
-from editors.keys import RequestError, compute_keys, encode, fact_position, normalise_requests, subject_span
-from editors.targets import PromptChunk, add_at_positions, build_prompts, compute_targets, length_groups
+from engramflow import editors
+from engramflow.editors.adapters import adapter_for
+from engramflow.editors.covariance import partial_stats, reduce_stats, shard_texts
+from engramflow.editors.delta import Delta, DeltaError
+from engramflow.editors.keys import (
+    RequestError,
+    compute_keys,
+    encode,
+    fact_position,
+    normalise_requests,
+    subject_span,
+)
+from engramflow.editors.targets import (
+    PromptChunk,
+    add_at_positions,
+    build_prompts,
+    compute_targets,
+    length_groups,
+)
 
 CORPUS = [
     "Anna Berg was born in Paris.", "Tom Vale works for Acme Labs.", "The city of Rome is in Italy.",
@@ -156,7 +169,7 @@ def test_cached_targets_are_optimised_once_per_request_and_weights(model, tok, t
     """A target is cached per request, so a later batch that shares requests with an earlier one (the
     first batch of another algorithm, a solver sweep) optimises only the new ones, and gets the same
     targets it would get without the cache; other weights recompute."""
-    from editors.targets import TargetCache, cached_targets
+    from engramflow.editors.targets import TargetCache, cached_targets
 
     reqs = normalise_requests(REQUESTS)
     kw = dict(v_num_grad_steps=8, v_lr=0.5, v_weight_decay=0.5, kl_factor=0.0625, clamp_norm_factor=4.0)

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
+from engramflow.flows.sequential import RunConfig, edit_flow, experts_flow, sequential_flow
 from engramflow.ledger import committed_batches
-from flows.sequential import RunConfig, edit_flow, experts_flow, sequential_flow
-from storage import Store
-from storage.queries import degradation, drift, history
+from engramflow.storage import Store
+from engramflow.storage.queries import degradation, drift, history
 
 TINY = dict(model="organism-tiny", dataset="world-tiny", format="world", corpus="world-tiny",
             stats_tokens=20_000, n_probes=30)
@@ -164,8 +164,8 @@ def test_experts_flow_trains_scen_batch_after_batch(ray_runtime, tiny_organism):
                      "and step = 1").fetchone()[0]
     assert routing >= 0.8 and es >= 0.8
     # reverting one fact removes exactly its expert: its prompt falls back to the base weights
-    from editors.metrics import fill_prompt
-    from editors.scen import route
+    from engramflow.editors.metrics import fill_prompt
+    from engramflow.editors.scen import route
     from engramflow.ledger import fetch_requests, materialize
     from engramflow.report import revert_edit
 

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from engramflow.ingest import IngestError, ingest_file, load_requests
-from storage import Store
+from engramflow.data.ingest import IngestError, ingest_file, load_requests
+from engramflow.storage import Store
 
 # file -> (format, accepted, rejected, duplicates within the file) on the read-only public copies
 SHARED_FILES = {
@@ -69,7 +69,7 @@ def test_every_shared_file_ingests(shared_data: Path, tmp_path: Path) -> None:
 
 def test_world_loader(tmp_path: Path) -> None:
     """`world` is the embedded world; a path is a CounterFact-format export of a world."""
-    from engramflow.world import default_world
+    from engramflow.data.world import default_world
 
     records = default_world().counterfact_records()
     store = Store(str(tmp_path / "store"))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from editors import metrics
-from editors.adapters import adapter_for
+from engramflow.editors import metrics
+from engramflow.editors.adapters import adapter_for
 
 PROMPT = "The capital of France is"
 
@@ -174,7 +174,7 @@ def test_prompt_template_is_filled_and_targets_must_exist(model, tiny_tokenizer)
 def test_a_neighbour_that_another_edit_asks_is_left_out_of_ns(model, tiny_tokenizer) -> None:
     """In a run that edits both France and Italy, Italy's prompt is meant to move: the evaluation stage
     reads France's NS/NM on its other neighbour only; edited alone, France keeps both."""
-    from tasks.evaluate import score_version
+    from engramflow.tasks.evaluate import score_version
 
     france = _request(neighborhood=[{"prompt": "The capital of Italy is", "target": "Rome"},
                                     {"prompt": "The capital of Spain is", "target": "Madrid"}],

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from engramflow.data.world import World
 from engramflow.organism import (
     TINY_CONFIG,
     FactData,
@@ -19,7 +20,6 @@ from engramflow.organism import (
     resolve_model,
     train_tokenizer,
 )
-from engramflow.world import World
 
 
 @pytest.fixture(scope="module")

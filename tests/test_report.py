@@ -16,9 +16,9 @@ import transformers as T
 from matplotlib.image import imread
 from typer.testing import CliRunner
 
-import editors
-from editors.adapters import adapter_for
-from engramflow.ingest import normalise
+from engramflow import editors
+from engramflow.data.ingest import normalise
+from engramflow.editors.adapters import adapter_for
 from engramflow.ledger import (
     Version,
     batch_version_id,
@@ -32,9 +32,9 @@ from engramflow.ledger import (
 )
 from engramflow.organism import load_model
 from engramflow.report import compare_report, revert_edit, subject_history, write_report
-from storage import Store
-from storage.queries import collapse_step, degradation, edit_row
-from tasks.evaluate import score_version, unedited_weights
+from engramflow.storage import Store
+from engramflow.storage.queries import collapse_step, degradation, edit_row
+from engramflow.tasks.evaluate import score_version, unedited_weights
 
 FACTS = [  # subject, prompt, new, true, paraphrase, (neighbour prompt, neighbour target)
     ("Danielle Darrieux", "Danielle Darrieux speaks", "English", "French", "The language of Danielle Darrieux is",

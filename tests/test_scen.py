@@ -10,8 +10,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from editors.adapters import adapter_for
-from editors.scen import (
+from engramflow.editors.adapters import adapter_for
+from engramflow.editors.scen import (
     Expert,
     ExpertBank,
     ScenConfig,
@@ -96,7 +96,7 @@ def test_expert_training_leaves_the_model_untouched(gpt2, tok):
     # The expert alone flips the fact (tested without routing: applied to every prompt).
     r = _requests()[0]
     assert not target_correct(gpt2, tok, fill_prompt(r), r["target_new"])
-    from editors.scen import expert_applied
+    from engramflow.editors.scen import expert_applied
 
     with expert_applied(gpt2, 1, lambda h: (h.float() @ expert.a.T) @ expert.b.T):
         assert target_correct(gpt2, tok, fill_prompt(r), r["target_new"])
@@ -235,7 +235,7 @@ def test_attach_rejects_a_bank_of_another_layer_or_shape(gpt2, tok, bank):
 
 
 def test_contrast_prompts_never_ask_an_edited_question():
-    from editors.scen.model import contrast_prompts
+    from engramflow.editors.scen.model import contrast_prompts
 
     facts = [{"subject": "A", "template": "{} was born in", "relation": "P19"},
              {"subject": "B", "template": "The hometown of {} is", "relation": "P19"},
@@ -278,7 +278,7 @@ def test_an_old_neuron_firing_on_a_new_contrast_key_is_recalibrated_and_keeps_it
 def test_contrasts_reuse_the_wordings_other_edits_trained_on():
     """An edit's training paraphrases join the template vocabulary: other subjects are contrasted in
     them, while the paraphrases held out for evaluation are never used."""
-    from editors.scen.model import contrast_prompts, fact_of
+    from engramflow.editors.scen.model import contrast_prompts, fact_of
 
     a = {"subject": "A", "prompt": "{} was born in", "relation": "P19", "target_new": "X",
          "paraphrase_prompts": ["The hometown of A is", "A grew up in"]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editors.solver import SolverError, null_space_projector, solve
+from engramflow.editors.solver import SolverError, null_space_projector, solve
 
 D_OUT, D_IN = 12, 20
 

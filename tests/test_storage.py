@@ -14,8 +14,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from storage import SCHEMAS, ReadOnlyError, SchemaError, Store
-from storage.store import _content_key, _split_safetensors
+from engramflow.storage import SCHEMAS, ReadOnlyError, SchemaError, Store
+from engramflow.storage.store import _content_key, _split_safetensors
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 

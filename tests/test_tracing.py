@@ -14,8 +14,8 @@ from transformers import (
     Qwen2Config,
 )
 
-from editors import tracing
-from editors.adapters import ADAPTERS
+from engramflow.editors import tracing
+from engramflow.editors.adapters import ADAPTERS
 
 PROMPT, SUBJECT = "The capital of Abraham Lincoln is", "Abraham Lincoln"
 N_LAYERS = 4

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engramflow.world import World, default_world, generate_world
+from engramflow.data.world import World, default_world, generate_world
 
 
 def test_same_seed_same_world_other_seed_other_world() -> None:

@@ -1,0 +1,130 @@
+"""`engramflow edit` and `engramflow run edit|sequential`: editing runs through the pipeline
+(Prefect flow, stages as Ray tasks), recorded in the store, summarised on the terminal.
+
+Running the same command again resumes the same run (its id is a hash of the options)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import typer
+
+run_app = typer.Typer(help="Run a pipeline flow (Prefect flow, stages as Ray tasks).", no_args_is_help=True)
+
+
+def _hparams(value: str | None) -> dict:
+    """Hyper-parameter overrides from a JSON object or a YAML/JSON file."""
+    if not value:
+        return {}
+    path = Path(value)
+    if path.exists():
+        import yaml
+
+        return dict(yaml.safe_load(path.read_text()) or {})
+    try:
+        return dict(json.loads(value))
+    except json.JSONDecodeError as err:
+        raise typer.BadParameter(f"--hparams: neither a file nor a JSON object ({err})") from None
+
+
+def execute(flow_name: str, cfg, ray_address: str | None, run_id: str | None = None) -> str:
+    """Run a flow on the pipeline runtime and print its summary; returns the run id."""
+    from engramflow.flows.sequential import edit_flow, experts_flow, sequential_flow
+    from engramflow.runtime import pipeline_runtime, task_runner
+
+    flow = {"edit": edit_flow, "sequential": sequential_flow, "experts": experts_flow}[flow_name]
+    with pipeline_runtime(ray_address=ray_address):
+        run_id = flow.with_options(task_runner=task_runner())(cfg, run_id=run_id)
+    print_summary(run_id)
+    return run_id
+
+
+def print_summary(run_id: str) -> None:
+    """The run's metrics at its last step beside the unedited model's."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from engramflow.storage import Store
+    from engramflow.storage.queries import degradation, drift
+
+    store = Store()
+    cf = degradation(store, run_id).to_pylist()
+    dr = drift(store, run_id).to_pylist()
+    last = max((r["step"] for r in cf), default=None)
+    table = Table(title=f"run {run_id}")
+    table.add_column("metric")
+    table.add_column("unedited", justify="right")
+    table.add_column(f"after batch {last}", justify="right")
+    for r in cf:
+        if r["step"] == last and r["metric"] in ("es", "ps", "ns", "em", "pm", "nm"):
+            table.add_row(f"{r['metric'].upper()} (n={r['n']})", "", f"{r['value']:.3f}")
+    for metric in ("probe_top1", "perplexity", "ge"):
+        before = next((r["value"] for r in dr if r["metric"] == metric and r["step"] == -1), None)
+        after = next((r["value"] for r in dr if r["metric"] == metric and r["step"] == last), None)
+        if after is not None:
+            table.add_row(metric, f"{before:.3f}" if before is not None else "", f"{after:.3f}")
+    Console().print(table)
+
+
+def _options(
+    algorithm: str = typer.Option(..., "--algorithm", "-a", help="rome | memit | emmet | alphaedit | ft | scen"),
+    model: str = typer.Option("organism", help="Hugging Face model dir/id, or 'organism' (embedded)."),
+    dataset: str = typer.Option("world", help="Dataset file, or 'world' (the embedded fact world)."),
+    format: str = typer.Option("world", "--format", "-f", help="Ingest format of --dataset."),
+    n: int = typer.Option(50, help="Number of requests to edit (distinct subjects)."),
+    batch_size: int | None = typer.Option(None, help="Requests per batch (default: all n at once)."),
+    layers: str = typer.Option("preset", help="'preset', 'auto' (causal tracing) or e.g. '0,1'."),
+    hparams: str | None = typer.Option(None, help="Overrides: JSON object or YAML file."),
+    corpus: str | None = typer.Option(None, help="Covariance/perplexity corpus (default: the world's)."),
+    n_probes: int = typer.Option(100, help="Unrelated facts probed after every batch."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="cpu or cuda (stages then request GPUs from Ray)."),
+    ray_address: str | None = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster; default local."),
+    target_shards: int = typer.Option(1, min=1, help="Parallel tasks a batch's target optimisation is split "
+                                      "into (memit, emmet, alphaedit): one core or GPU each."),
+    run_id: str | None = typer.Option(None, help="Explicit run id (default: derived from the options)."),
+):
+    from engramflow.flows.sequential import RunConfig
+
+    cfg = RunConfig(algorithm=algorithm, model=model, dataset=dataset, format=format, n=n,
+                    batch_size=batch_size or n, hparams=_hparams(hparams), layers=layers, corpus=corpus,
+                    n_probes=n_probes, seed=seed, device=device, target_shards=target_shards)
+    return cfg, ray_address, run_id
+
+
+def register(app: typer.Typer) -> None:
+    def edit(**kwargs) -> None:
+        """Edit N requests (in batches of B) into a model; record version, edits and metrics."""
+        cfg, ray_address, run_id = _options(**kwargs)
+        execute("sequential", cfg, ray_address, run_id)
+
+    def run_edit(**kwargs) -> None:
+        """edit_flow: ingest → statistics → (locate) → edit one batch → evaluate."""
+        cfg, ray_address, run_id = _options(**kwargs)
+        execute("edit", cfg, ray_address, run_id)
+
+    def run_sequential(**kwargs) -> None:
+        """sequential_flow: N requests in batches of B, every earlier edit evaluated after each batch."""
+        cfg, ray_address, run_id = _options(**kwargs)
+        execute("sequential", cfg, ray_address, run_id)
+
+    def run_experts(**kwargs) -> None:
+        """experts_flow (SCEN): experts as parallel Ray tasks, then indexing neurons, then evaluation."""
+        kwargs["algorithm"] = "scen"
+        cfg, ray_address, run_id = _options(**kwargs)
+        execute("experts", cfg, ray_address, run_id)
+
+    # The commands take the same options: typer reads them from `_options`'s signature.
+    for fn in (edit, run_edit, run_sequential):
+        fn.__signature__ = inspect.signature(_options)
+    experts_signature = inspect.signature(_options)
+    run_experts.__signature__ = experts_signature.replace(
+        parameters=[p for p in experts_signature.parameters.values() if p.name != "algorithm"])
+    app.command("edit")(edit)
+    run_app.command("edit")(run_edit)
+    run_app.command("sequential")(run_sequential)
+    run_app.command("experts")(run_experts)
+    app.add_typer(run_app, name="run")
+

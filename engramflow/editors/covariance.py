@@ -1,0 +1,178 @@
+"""Second moment of MLP keys, C = E[k kᵀ], over a text corpus, written as map (per-shard partial sums)
+and reduce so the pipeline can spread shards over workers; cached by what determines it.
+
+Accumulated in float64: the keys' second moment is badly conditioned (1e4–1e6 on small models).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from engramflow.editors.files import save_atomic
+from engramflow.editors.keys import capture_mlp_inputs, eval_mode, pad_batch, run_until_stop
+
+Corpus = str | Path | Sequence[str]
+
+
+@dataclass
+class SecondMoment:
+    """Σ k kᵀ over `n` key vectors (float64, [d_mlp, d_mlp])."""
+
+    sum_kk: torch.Tensor
+    n: int
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # derived matrices, e.g. projectors
+
+    @property
+    def C(self) -> torch.Tensor:
+        """E[k kᵀ] = Σ k kᵀ / n."""
+        if self.n == 0:
+            raise ValueError("second moment over zero samples")
+        return self.sum_kk / self.n
+
+
+def iter_texts(corpus: Corpus) -> Iterator[str]:
+    """Non-empty lines of a text file (.gz read as gzip text), or the strings of a list."""
+    if isinstance(corpus, str | Path):
+        path = Path(corpus)
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield line.strip()
+    else:
+        for text in corpus:
+            if text.strip():
+                yield text.strip()
+
+
+def shard_texts(corpus: Corpus, n_shards: int) -> list[list[str]]:
+    """Round-robin split of a corpus into `n_shards` lists of texts (so shards are of similar size)."""
+    shards: list[list[str]] = [[] for _ in range(n_shards)]
+    for i, text in enumerate(iter_texts(corpus)):
+        shards[i % n_shards].append(text)
+    return shards
+
+
+@torch.no_grad()
+def partial_stats(
+    model: nn.Module, tok, layers: int | Sequence[int], texts: Iterable[str], *,
+    max_tokens: int | None = None, seq_len: int = 128, batch_size: int = 32,
+) -> dict[int, SecondMoment]:
+    """Σ k kᵀ and n at each layer over `texts` (each truncated to `seq_len` tokens, padding not
+    counted), stopping after `max_tokens` keys; all layers in one forward pass, cut after the
+    highest layer."""
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    device = next(model.parameters()).device
+    d_mlp = None
+    stats: dict[int, SecondMoment] = {}
+    n = 0
+    batch: list[list[int]] = []
+
+    def flush() -> None:
+        nonlocal n, d_mlp
+        ids, mask = pad_batch(batch, device)
+        run_until_stop(model, ids, mask)
+        real = mask.bool()
+        take = int(real.sum()) if max_tokens is None else min(int(real.sum()), max_tokens - n)
+        for layer in layers:
+            k = seen[layer][real][:take].float()  # [tokens, d_mlp]
+            if layer not in stats:
+                stats[layer] = SecondMoment(torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64,
+                                                        device=device), 0)
+            # One batch's kᵀk in float32 (at most batch_size x seq_len terms per entry: relative
+            # error ~1e-6), the running sum over batches in float64. A float64 product ran the
+            # statistics at 0.76x a bare forward on the tiny organism; the running sum is where
+            # precision is lost over millions of tokens.
+            stats[layer].sum_kk += (k.T @ k).double()
+            stats[layer].n += take
+        n += take
+        batch.clear()
+
+    with eval_mode(model), capture_mlp_inputs(model, layers) as seen:
+        for text in texts:
+            ids = tok(text, truncation=True, max_length=seq_len)["input_ids"]
+            if ids:
+                batch.append(ids)
+            if len(batch) == batch_size:
+                flush()
+                if max_tokens is not None and n >= max_tokens:
+                    break
+        if batch and (max_tokens is None or n < max_tokens):
+            flush()
+    if not stats:
+        raise ValueError(f"no tokens in the corpus for layers {layers}")
+    return {layer: SecondMoment(s.sum_kk.cpu(), s.n) for layer, s in stats.items()}
+
+
+def reduce_stats(partials: Iterable[dict[int, SecondMoment]]) -> dict[int, SecondMoment]:
+    """Sum per-shard partial statistics layer by layer."""
+    out: dict[int, SecondMoment] = {}
+    for part in partials:
+        for layer, s in part.items():
+            if layer in out:
+                out[layer] = SecondMoment(out[layer].sum_kk + s.sum_kk, out[layer].n + s.n)
+            else:
+                out[layer] = SecondMoment(s.sum_kk.clone(), s.n)
+    return out
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of the config and a strided sample of every parameter: cheap, and changes when the
+    weights do (statistics of an edited model are not those of its base)."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=True).encode())
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def corpus_id(corpus: Corpus) -> str:
+    """Identity of a corpus for the cache: a file's resolved path, size and mtime, or a list's hash."""
+    if isinstance(corpus, str | Path):
+        st = Path(corpus).stat()
+        return hashlib.sha256(f"{Path(corpus).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(list(corpus)).encode()).hexdigest()[:16]
+
+
+def layer_stats(
+    model: nn.Module, tok, layers: Sequence[int], corpus: Corpus, *, max_tokens: int | None = None,
+    cache_dir: str | Path | None = None, seq_len: int = 128, batch_size: int = 32,
+) -> dict[int, SecondMoment]:
+    """Second moments at `layers` over `corpus`, read from / written to `cache_dir` (one
+    safetensors file per layer, keyed by model fingerprint, layer, corpus, max_tokens, seq_len, dtype)."""
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    fp, cid = model_fingerprint(model), corpus_id(corpus)
+
+    def path_for(layer: int) -> Path | None:
+        if cache_dir is None:
+            return None
+        return Path(cache_dir) / f"mom2-{fp}-L{layer}-{cid}-n{max_tokens}-s{seq_len}-{dtype}.safetensors"
+
+    out: dict[int, SecondMoment] = {}
+    for layer in layers:
+        path = path_for(layer)
+        if path is not None and path.exists():
+            t = load_file(str(path))
+            out[layer] = SecondMoment(t["sum_kk"], int(t["n"].item()))
+    missing = [layer for layer in layers if layer not in out]
+    if missing:
+        computed = partial_stats(model, tok, missing, iter_texts(corpus), max_tokens=max_tokens,
+                                 seq_len=seq_len, batch_size=batch_size)
+        for layer, s in computed.items():
+            out[layer] = s
+            path = path_for(layer)
+            if path is not None:
+                save_atomic({"sum_kk": s.sum_kk, "n": torch.tensor([s.n])}, path)
+    return out

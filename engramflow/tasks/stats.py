@@ -1,0 +1,87 @@
+"""Covariance statistics stage: one task per corpus shard returns partial sums Σ k kᵀ for every
+edited layer (one forward pass serves all layers), a reduction sums them.
+
+Each (model, layer, corpus, shard) partial is stored once and recorded in the `stats` table, so a
+killed run recomputes only the shards it had not finished, and later runs reuse finished statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.compute as pc
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from engramflow.ledger import Version, materialize, stable_id
+from engramflow.storage import Store
+
+
+def corpus_texts(corpus: str) -> list[str]:
+    """The texts of a corpus: an embedded world's (`world`, `world-tiny`) or a text file (.gz ok)."""
+    from engramflow.data.world import named_world
+    from engramflow.editors.covariance import iter_texts
+
+    world = named_world(corpus)
+    return world.corpus_text().splitlines() if world is not None else list(iter_texts(corpus))
+
+
+def stats_id(base_model: str, layer: int, corpus: str, shard: int, n_shards: int, max_tokens: int | None) -> str:
+    return stable_id("stats", base_model, layer, corpus, shard, n_shards, max_tokens)
+
+
+def recorded_stats(store: Store, ids: list[str]) -> dict[str, dict[str, Any]]:
+    table = store.read("stats", filter=pc.field("stats_id").isin(ids))
+    return {row["stats_id"]: row for row in table.to_pylist()}
+
+
+@task(name="covariance-shard", cache_policy=NO_CACHE)
+def stats_shard(base: Version, layers: list[int], corpus: str, shard: int, n_shards: int,
+                max_tokens: int | None) -> dict[int, str]:
+    """Partial second moments of shard `shard` of `n_shards`: layer -> stats id (computed only if
+    not recorded already)."""
+    from engramflow.editors.covariance import partial_stats, shard_texts
+
+    store = Store()
+    ids = {layer: stats_id(base.base_model, layer, corpus, shard, n_shards, max_tokens) for layer in layers}
+    done = recorded_stats(store, list(ids.values()))
+    todo = [layer for layer in layers if ids[layer] not in done]
+    if todo:
+        model, tok = materialize(store, base)
+        texts = shard_texts(corpus_texts(corpus), n_shards)[shard]
+        per_shard = None if max_tokens is None else max(1, max_tokens // n_shards)
+        partial = partial_stats(model, tok, todo, texts, max_tokens=per_shard)
+        rows = []
+        for layer, moment in partial.items():
+            key = store.put_tensors({"sum_kk": moment.sum_kk.contiguous()}, {"n": str(moment.n)})
+            rows.append({"stats_id": ids[layer], "base_model": base.base_model, "layer": layer, "corpus": corpus,
+                         "shard": shard, "n_shards": n_shards, "max_tokens": max_tokens, "n": moment.n,
+                         "tensor_key": key})
+        store.append("stats", rows)
+    return ids
+
+
+@task(name="covariance-reduce", cache_policy=NO_CACHE)
+def stats_reduce(shard_ids: list[dict[int, str]]) -> dict[int, str]:
+    """Sum the shards' partials per layer; layer -> tensor key of the reduced Σ k kᵀ (metadata n)."""
+    from engramflow.editors.covariance import SecondMoment, reduce_stats
+
+    store = Store()
+    rows = recorded_stats(store, [i for ids in shard_ids for i in ids.values()])
+    partials = []
+    for ids in shard_ids:
+        part = {}
+        for layer, sid in ids.items():
+            row = rows[sid]
+            part[int(layer)] = SecondMoment(store.get_tensors(row["tensor_key"])["sum_kk"], int(row["n"]))
+        partials.append(part)
+    return {layer: store.put_tensors({"sum_kk": m.sum_kk.contiguous()}, {"n": str(m.n)})
+            for layer, m in reduce_stats(partials).items()}
+
+
+def load_moments(store: Store, keys: dict[int, str]) -> dict[int, Any]:
+    """layer -> SecondMoment from the reduced statistics' tensor keys."""
+    from engramflow.editors.covariance import SecondMoment
+
+    return {int(layer): SecondMoment(store.get_tensors(key)["sum_kk"], int(store.tensor_metadata(key)["n"]))
+            for layer, key in keys.items()}

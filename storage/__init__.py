@@ -1,6 +1,0 @@
-"""The artifact store: Parquet tables with explicit schemas, content-addressed tensors, DuckDB views."""
-
-from storage.schemas import SCHEMAS, schema_for
-from storage.store import ReadOnlyError, SchemaError, Store, conform
-
-__all__ = ["SCHEMAS", "ReadOnlyError", "SchemaError", "Store", "conform", "schema_for"]
