@@ -18,7 +18,7 @@ from engramflow.editors.covariance import iter_texts, partial_stats
 from engramflow.editors.hparams import load_preset
 from engramflow.editors.keys import context_prefixes, normalise_requests, pad_batch
 from engramflow.editors.targets import compute_targets
-from engramflow.organism import load_model
+from engramflow.models import load_model
 
 
 def world_requests() -> list[dict]:

@@ -254,7 +254,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     home.quiet_env()
-    from engramflow.organism import load_model
+    from engramflow.models import load_model
 
     model, tok = load_model(args.model)
     config = ScenConfig(rank=args.rank)

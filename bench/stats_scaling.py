@@ -50,7 +50,7 @@ def main() -> None:
     from rich.table import Table
 
     from engramflow import home
-    from engramflow.organism import load_model, resolve_model
+    from engramflow.models import load_model, resolve_model
 
     home.quiet_env()
     model_dir = resolve_model(args.model)  # build before timing anything

@@ -114,7 +114,7 @@ def materialize(store: Store, version: Version | str, device: str = "cpu") -> tu
     """Load the base model of `version`, apply its deltas in order and attach its expert bank:
     (model, tokenizer)."""
     from engramflow.editors.adapters import adapter_for
-    from engramflow.organism import load_model
+    from engramflow.models import load_model
 
     if isinstance(version, str):
         version = get_version(store, version)

@@ -173,8 +173,6 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -761,23 +759,3 @@ def build_organism(tiny: bool = False, facts: str | os.PathLike[str] | None = No
 def organism_report(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The build report stored beside an organism's weights."""
     return json.loads((Path(model_dir) / "organism.json").read_text())
-
-
-def resolve_model(spec: str) -> str:
-    """`organism` / `organism-tiny` -> the built model's directory; anything else unchanged."""
-    if spec == "organism":
-        return str(build_organism())
-    if spec == "organism-tiny":
-        return str(build_organism(tiny=True))
-    return spec
-
-
-def load_model(spec: str, device: str = "cpu") -> tuple[Any, Any]:
-    """Load (model, tokenizer) for a spec understood by `resolve_model`, in eval mode."""
-    path = resolve_model(spec)
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path).to(device)
-    model.eval()
-    return model, tok

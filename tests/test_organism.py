@@ -10,14 +10,13 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engramflow.data.world import World
+from engramflow.models import load_model, resolve_model
 from engramflow.organism import (
     TINY_CONFIG,
     FactData,
     build_organism,
     evaluate_organism,
-    load_model,
     organism_report,
-    resolve_model,
     train_tokenizer,
 )
 

@@ -30,7 +30,7 @@ from engramflow.ledger import (
     save_delta,
     write_edit_rows,
 )
-from engramflow.organism import load_model
+from engramflow.models import load_model
 from engramflow.report import compare_report, revert_edit, subject_history, write_report
 from engramflow.storage import Store
 from engramflow.storage.queries import collapse_step, degradation, edit_row

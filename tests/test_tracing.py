@@ -124,7 +124,7 @@ def test_tiny_organism_looks_facts_up_at_the_last_subject_token(tiny_organism, t
     ROME is that MLP's. (Without interchange training the peak sat at the prompt's last token.) The
     last MLP at the prompt's last token has an effect too (0.40 against 0.73 when measured), as
     real models' late site does; the lookup is the early one."""
-    from engramflow.organism import load_model
+    from engramflow.models import load_model
 
     model, tok = load_model(str(tiny_organism))
     people = [f for f in tiny_world.facts if " " in f.subject][:8]

@@ -148,7 +148,7 @@ def _preset_layers(cfg: RunConfig, base: Version) -> list[int]:
 
 def run_batches(flow_name: str, cfg: RunConfig, run_id: str | None = None) -> str:
     """The shared recipe of both flows. Returns the run id."""
-    from engramflow.organism import resolve_model
+    from engramflow.models import resolve_model
 
     log = get_run_logger()
     store = Store()

@@ -26,7 +26,7 @@ def compute_stats(base: Version, layers: list[int], corpus: str, n_shards: int, 
 def stats_flow(model: str, layers: list[int], corpus: str, n_shards: int = 2, max_tokens: int | None = 100_000,
                device: str = "cpu") -> dict[int, str]:
     """Second moments of the MLP keys at `layers` of `model` over `corpus`."""
-    from engramflow.organism import resolve_model
+    from engramflow.models import resolve_model
 
     base = ensure_base_version(Store(), resolve_model(model))
     return compute_stats(base, layers, corpus, n_shards, max_tokens, device)

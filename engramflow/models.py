@@ -1,0 +1,38 @@
+"""Loading a model by path for the pipeline's stages: any Hugging Face causal LM directory or hub id.
+
+The embedded organism is built by `engramflow.organism`; callers above the flows (the CLI, tests,
+benchmarks) turn the names `organism` / `organism-tiny` into its directory first (`resolve_model`),
+so stages below never train anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# What the CLI, the tests and the benchmarks accept for the embedded default, -> `build_organism` kwargs.
+ORGANISM_NAMES = {"organism": {}, "organism-tiny": {"tiny": True}}
+
+
+def resolve_model(spec: str) -> str:
+    """`organism` / `organism-tiny` -> the built model's directory (built on first use); any other
+    path or hub id unchanged."""
+    if spec in ORGANISM_NAMES:
+        from engramflow.organism import build_organism
+
+        return str(build_organism(**ORGANISM_NAMES[spec]))
+    return spec
+
+
+def load_model(path: str, device: str = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer) from a model directory or hub id, in eval mode, with a padding token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path in ORGANISM_NAMES:
+        raise ValueError(f"{path!r} is a name, not a model directory: resolve it first "
+                         "(engramflow.models.resolve_model)")
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path).to(device)
+    model.eval()
+    return model, tok
