@@ -16,9 +16,10 @@ from engramflow import editors
 from engramflow.data.world import default_world
 from engramflow.editors.covariance import iter_texts, partial_stats
 from engramflow.editors.hparams import load_preset
-from engramflow.editors.keys import context_prefixes, normalise_requests, pad_batch
+from engramflow.editors.keys import context_prefixes, pad_batch
+from engramflow.editors.requests import as_requests
 from engramflow.editors.targets import compute_targets
-from engramflow.models import load_model
+from engramflow.models import load_model, resolve_model
 
 
 def world_requests() -> list[dict]:
@@ -46,7 +47,7 @@ def bench_edits(model, tok, requests, algorithms, sizes, stats, device) -> list[
     for algorithm in algorithms:
         for size in sizes:
             batch = requests[:size]
-            seconds = timed(lambda a=algorithm, b=batch: editors.edit(model, tok, b, algorithm=a, stats=stats), device)
+            seconds = timed(lambda a=algorithm, b=batch: editors.edit(model, tok, b, method=a, stats=stats), device)
             rows.append((algorithm, size, seconds, size / seconds))
             print(f"  {algorithm:9s} batch {size:4d}: {seconds:8.2f} s  {size / seconds:8.2f} edits/s", flush=True)
     return rows
@@ -55,7 +56,7 @@ def bench_edits(model, tok, requests, algorithms, sizes, stats, device) -> list[
 def bench_targets(model, tok, requests, size, device) -> tuple[float, float]:
     """compute_targets for `size` requests in one batch, and one request at a time."""
     hp = load_preset("memit", "organism")
-    reqs = normalise_requests(requests[:size])
+    reqs = as_requests(requests[:size])
     prefixes = context_prefixes(model, tok, hp.context_spec, hp.seed)
     kw = dict(v_num_grad_steps=hp.v_num_grad_steps, v_lr=hp.v_lr, v_weight_decay=hp.v_weight_decay,
               kl_factor=hp.kl_factor, clamp_norm_factor=hp.clamp_norm_factor, fact_token=hp.fact_token)
@@ -86,7 +87,7 @@ def main() -> None:
     ap.add_argument("--model", default="organism")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sizes", default="1,16,64,256")
-    ap.add_argument("--algorithms", default=",".join(editors.ALGORITHMS))
+    ap.add_argument("--algorithms", default=",".join(editors.METHODS))
     ap.add_argument("--targets-batch", type=int, default=64, help="batch for batched vs one-at-a-time targets")
     ap.add_argument("--stats-texts", type=int, default=400, help="corpus paragraphs for the covariance timing")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -94,13 +95,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tok = load_model(args.model, device=args.device)
+    model, tok = load_model(resolve_model(args.model), device=args.device)
     requests = world_requests()
     sizes = [int(s) for s in args.sizes.split(",")]
     if max(sizes) > len(requests):
         raise SystemExit(f"the world has {len(requests)} facts; largest batch asked {max(sizes)}")
     texts = list(iter_texts(default_world().corpus_text().splitlines()))
-    layers = sorted({layer for a in editors.ALGORITHMS for layer in load_preset(a, "organism").layers})
+    layers = sorted({layer for a in editors.METHODS for layer in load_preset(a, "organism").layers})
     print(f"model {args.model} on {args.device}: {model.config.num_hidden_layers} layers x {model.config.hidden_size}, "
           f"{torch.get_num_threads()} threads", flush=True)
     stats = editors.reduce_stats([partial_stats(model, tok, layers, texts)])

@@ -254,9 +254,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     home.quiet_env()
-    from engramflow.models import load_model
+    from engramflow.models import load_model, resolve_model
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(resolve_model(args.model))
     config = ScenConfig(rank=args.rank)
     console.print(f"model {args.model}: {adapter_for(model).model_type}, {adapter_for(model).n_layers(model)} layers, "
                   f"d_model {adapter_for(model).d_model(model)}, d_mlp {adapter_for(model).d_mlp(model)}; "

@@ -13,14 +13,8 @@ from engramflow import editors
 from engramflow.editors.adapters import adapter_for
 from engramflow.editors.covariance import partial_stats, reduce_stats, shard_texts
 from engramflow.editors.delta import Delta, DeltaError
-from engramflow.editors.keys import (
-    RequestError,
-    compute_keys,
-    encode,
-    fact_position,
-    normalise_requests,
-    subject_span,
-)
+from engramflow.editors.keys import compute_keys, encode, fact_position, subject_span
+from engramflow.editors.requests import RequestError, as_requests
 from engramflow.editors.targets import (
     PromptChunk,
     add_at_positions,
@@ -83,12 +77,12 @@ def log_prob(model, tok, prompt: str, target: str) -> torch.Tensor:
 
 # --- requests and keys -------------------------------------------------------------------------
 def test_requests_fill_templates_and_name_bad_records() -> None:
-    reqs = normalise_requests(REQUESTS)
+    reqs = as_requests(REQUESTS)
     assert reqs[0].prompt == "Anna Berg was born in" and reqs[0].request_id == "a"
     with pytest.raises(RequestError, match="request x .*'target_new'"):
-        normalise_requests([{"request_id": "x", "prompt": "{} is", "subject": "A", "target_new": ""}])
+        as_requests([{"request_id": "x", "prompt": "{} is", "subject": "A", "target_new": ""}])
     with pytest.raises(RequestError, match="request 0 .*not in prompt"):
-        normalise_requests([{"prompt": "B is", "subject": "A", "target_new": "C"}])
+        as_requests([{"prompt": "B is", "subject": "A", "target_new": "C"}])
 
 
 def test_subject_tokens_come_from_character_offsets(tok) -> None:
@@ -103,7 +97,7 @@ def test_subject_tokens_come_from_character_offsets(tok) -> None:
 
 
 def test_keys_are_batched_over_requests_and_averaged_over_prefixes(model, tok) -> None:
-    reqs = normalise_requests(REQUESTS)
+    reqs = as_requests(REQUESTS)
     prefixes = ["", "The cat sat. ", "Because it rained. "]
     batched = compute_keys(model, tok, reqs, [0, 2], prefixes, batch_size=4)
     assert batched[0].shape == (128, 3) and batched[2].shape == (128, 3)
@@ -114,7 +108,7 @@ def test_keys_are_batched_over_requests_and_averaged_over_prefixes(model, tok) -
 
 # --- targets -----------------------------------------------------------------------------------
 def test_batched_targets_match_one_at_a_time(model, tok) -> None:
-    reqs = normalise_requests(REQUESTS)
+    reqs = as_requests(REQUESTS)
     kw = dict(v_num_grad_steps=8, v_lr=0.5, v_weight_decay=0.5, kl_factor=0.0625, clamp_norm_factor=4.0)
     prefixes = ["", "The cat sat. "]
     batched = compute_targets(model, tok, reqs, 1, prefixes, chunk_size=3, **kw)
@@ -130,7 +124,7 @@ def test_targets_read_the_tokens_before_the_fact_token_from_a_cache(model, tok) 
     is run: the scored hidden states must equal a whole-sequence forward, and a prompt that starts
     with a one-token subject (nothing to cache) must still get its own target."""
     first = {"request_id": "d", "prompt": "{} is in", "subject": "X", "target_new": "Germany"}
-    reqs = normalise_requests([*REQUESTS, first])
+    reqs = as_requests([*REQUESTS, first])
     p = build_prompts(tok, reqs, ["", "The cat sat. "], "subject_last")
     assert 0 in p.fact_pos  # "X is in" without a BOS token: the fact token is the first
     idx = [i for i in range(len(p.seqs)) if p.fact_pos[i] > 0]
@@ -169,12 +163,13 @@ def test_cached_targets_are_optimised_once_per_request_and_weights(model, tok, t
     """A target is cached per request, so a later batch that shares requests with an earlier one (the
     first batch of another algorithm, a solver sweep) optimises only the new ones, and gets the same
     targets it would get without the cache; other weights recompute."""
-    from engramflow.editors.targets import TargetCache, cached_targets
+    from engramflow.editors.cache import RequestCache
+    from engramflow.editors.targets import cached_targets
 
-    reqs = normalise_requests(REQUESTS)
+    reqs = as_requests(REQUESTS)
     kw = dict(v_num_grad_steps=8, v_lr=0.5, v_weight_decay=0.5, kl_factor=0.0625, clamp_norm_factor=4.0)
     prefixes = ["", "The cat sat. "]
-    cache = TargetCache(tmp_path)
+    cache = RequestCache(tmp_path)
     first = cached_targets(model, tok, reqs[:2], 1, prefixes, cache, **kw)
     assert first.steps > 0 and len(list(tmp_path.rglob("*.safetensors"))) == 2
     again = cached_targets(model, tok, reqs[1::-1], 1, prefixes, cache, **kw)  # same requests, other order
@@ -194,13 +189,13 @@ def test_a_solver_sweep_reads_its_targets_from_the_cache(model, tok, stats, tmp_
     """editors.edit with a target cache: a second MEMIT weight reuses the first run's targets and
     gives the update a cold run with that weight gives."""
     hp = {**TAKES, "layers": [1]}
-    cache = editors.TargetCache(tmp_path)
-    editors.edit(model, tok, REQUESTS[:2], algorithm="memit", hparams=hp, stats=stats, target_cache=cache)
+    cache = editors.RequestCache(tmp_path)
+    editors.edit(model, tok, REQUESTS[:2], method="memit", hparams=hp, stats=stats, cache=cache)
     written = {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*.safetensors")}
     assert len(written) == 2
     sweep = {**hp, "mom2_update_weight": 10.0}
-    warm = editors.edit(model, tok, REQUESTS[:2], algorithm="memit", hparams=sweep, stats=stats, target_cache=cache)
-    cold = editors.edit(model, tok, REQUESTS[:2], algorithm="memit", hparams=sweep, stats=stats)
+    warm = editors.edit(model, tok, REQUESTS[:2], method="memit", hparams=sweep, stats=stats, cache=cache)
+    cold = editors.edit(model, tok, REQUESTS[:2], method="memit", hparams=sweep, stats=stats)
     assert {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*.safetensors")} == written
     torch.testing.assert_close(warm.matrix(1), cold.matrix(1), rtol=1e-3, atol=1e-5)
 
@@ -208,20 +203,20 @@ def test_targets_precomputed_in_shards_are_the_ones_the_edit_reads(model, tok, s
     """A batch's targets optimised in two disjoint shards (as the pipeline's parallel target tasks do)
     fill the cache the edit then reads, without optimising again, and give the update a cold edit gives."""
     hp = {**TAKES, "layers": [1]}
-    cache = editors.TargetCache(tmp_path)
-    steps = [editors.precompute_targets(model, tok, shard, cache, algorithm="emmet", hparams=hp)
+    cache = editors.RequestCache(tmp_path)
+    steps = [editors.precompute(model, tok, shard, cache, method="emmet", hparams=hp)
              for shard in (REQUESTS[::2], REQUESTS[1::2])]
     assert all(s > 0 for s in steps)
     written = {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*.safetensors")}
     assert len(written) == len(REQUESTS)
-    assert editors.precompute_targets(model, tok, REQUESTS, cache, algorithm="emmet", hparams=hp) == 0
-    warm = editors.edit(model, tok, REQUESTS, algorithm="emmet", hparams=hp, stats=stats, target_cache=cache)
-    cold = editors.edit(model, tok, REQUESTS, algorithm="emmet", hparams=hp, stats=stats)
+    assert editors.precompute(model, tok, REQUESTS, cache, method="emmet", hparams=hp) == 0
+    warm = editors.edit(model, tok, REQUESTS, method="emmet", hparams=hp, stats=stats, cache=cache)
+    cold = editors.edit(model, tok, REQUESTS, method="emmet", hparams=hp, stats=stats)
     assert {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*.safetensors")} == written
     torch.testing.assert_close(warm.matrix(1), cold.matrix(1), rtol=1e-3, atol=1e-5)
     # ROME optimises each request against the earlier ones' updates: nothing can be precomputed.
-    assert editors.precompute_targets(model, tok, REQUESTS, editors.TargetCache(tmp_path / "rome"),
-                                      algorithm="rome", hparams=hp) == 0
+    assert editors.precompute(model, tok, REQUESTS, editors.RequestCache(tmp_path / "rome"),
+                              method="rome", hparams=hp) == 0
 
 
 def test_length_groups_bound_padding_and_rows() -> None:
@@ -235,7 +230,7 @@ def test_length_groups_bound_padding_and_rows() -> None:
 
 
 def test_target_norm_is_clamped(model, tok) -> None:
-    reqs = normalise_requests(REQUESTS)
+    reqs = as_requests(REQUESTS)
     t = compute_targets(model, tok, reqs, 1, [""], v_num_grad_steps=10, v_lr=5.0, v_weight_decay=0.0,
                         kl_factor=0.0, clamp_norm_factor=0.1)
     assert (t.delta.norm(dim=0) <= 0.1 * t.h.norm(dim=0) * (1 + 1e-5)).all()
@@ -332,7 +327,7 @@ def test_edit_takes_and_leaves_the_model_alone(model, tok, stats, algorithm: str
     hp = {**TAKES, "layers": layers}
     if algorithm == "alphaedit":  # a random model's keys span every direction: take the lower half
         hp["nullspace_threshold"] = float(torch.linalg.eigvalsh(stats[0].C).median())
-    delta = editors.edit(model, tok, REQUESTS[:2], algorithm=algorithm, hparams=hp, stats=stats)
+    delta = editors.edit(model, tok, REQUESTS[:2], method=algorithm, hparams=hp, stats=stats)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert delta.algorithm == algorithm and delta.layers == layers and delta.request_ids == ["a", "b"]
     with delta.applied(model):
@@ -345,9 +340,9 @@ def test_edit_takes_and_leaves_the_model_alone(model, tok, stats, algorithm: str
 
 def test_rome_update_puts_the_key_on_its_target_value(model, tok, stats) -> None:
     """ROME's equality constraint on a real model: W_new k = W k + (z − h) at the edited layer."""
-    req = normalise_requests(REQUESTS[:1])
+    req = as_requests(REQUESTS[:1])
     hp = editors.hparams.from_mapping({**TAKES, "layers": [1]})
-    delta = editors.edit(model, tok, REQUESTS[:1], algorithm="rome", hparams=hp, stats=stats)
+    delta = editors.edit(model, tok, REQUESTS[:1], method="rome", hparams=hp, stats=stats)
     prefixes = editors.keys.context_prefixes(model, tok, hp.context_spec, hp.seed)
     k = compute_keys(model, tok, req, [1], prefixes, "last")[1][:, 0]
     W = adapter_for(model).down_weight(model, 1).detach()
@@ -360,16 +355,16 @@ def test_rome_update_puts_the_key_on_its_target_value(model, tok, stats) -> None
 
 
 def test_unknown_algorithm_and_missing_stats_are_clear_errors(model, tok) -> None:
-    with pytest.raises(ValueError, match="unknown algorithm 'rom'"):
-        editors.edit(model, tok, REQUESTS, algorithm="rom", hparams={"layers": [1]})
+    with pytest.raises(ValueError, match="unknown method 'rom'"):
+        editors.edit(model, tok, REQUESTS, method="rom", hparams={"layers": [1]})
     with pytest.raises(ValueError, match="needs covariance statistics"):
-        editors.edit(model, tok, REQUESTS, algorithm="memit", hparams={"layers": [1]})
+        editors.edit(model, tok, REQUESTS, method="memit", hparams={"layers": [1]})
     with pytest.raises(ValueError, match="unknown hyper-parameters.*'v_steps'"):
-        editors.edit(model, tok, REQUESTS, algorithm="memit", hparams={"layers": [1], "v_steps": 3})
+        editors.edit(model, tok, REQUESTS, method="memit", hparams={"layers": [1], "v_steps": 3})
 
 
 def test_every_preset_loads() -> None:
     for path in sorted(editors.hparams.PRESETS.glob("*.yaml")):
         algorithm, model_name = path.stem.split("-", 1)
-        assert algorithm in editors.ALGORITHMS, path.name
+        assert algorithm in editors.METHODS, path.name
         assert editors.load_preset(algorithm, model_name).layers, path.name

@@ -102,7 +102,7 @@ def _sequential_run(store: Store, base: Version, algorithm: str, requests: list[
     for index in range(0, len(requests) // batch_size):
         batch = requests[index * batch_size: (index + 1) * batch_size]
         model, tok = materialize(store, parent)
-        delta = editors.edit(model, tok, batch, algorithm=algorithm, hparams=hparams, stats=stats)
+        delta = editors.edit(model, tok, batch, method=algorithm, hparams=hparams, stats=stats)
         parent = record_version(store, batch_version_id(run_id, index), parent, [save_delta(store, delta)], run_id,
                                 note=f"{algorithm} batch {index}")
         write_edit_rows(store, run_id, index, parent)

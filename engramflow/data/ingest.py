@@ -11,7 +11,6 @@ content hash, so ingesting the same file twice adds nothing.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -19,6 +18,8 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from engramflow.editors.requests import fill_prompt, request_id
 
 if TYPE_CHECKING:
     from engramflow.storage.store import Store
@@ -455,7 +456,7 @@ def _texts(values: list[Any], name: str, subject: str) -> list[str]:
     out = []
     for i, v in enumerate(values):
         text = _text(v, f"{name}[{i}]", MAX_PROMPT_CHARS)
-        out.append(text.replace("{}", subject))
+        out.append(fill_prompt(text, subject))
     return out
 
 
@@ -472,18 +473,10 @@ def _neighborhood(values: list[Any]) -> list[dict[str, str]]:
     return out
 
 
-def request_id(request: dict[str, Any]) -> str:
-    """Content hash (sha256, 16 hex) of subject, prompt, targets, paraphrases and neighbourhood."""
-    key = [request["subject"], request["prompt"], request["target_new"], request.get("target_true"),
-           request.get("paraphrase_prompts", []),
-           [[n["prompt"], n["target"]] for n in request.get("neighborhood", [])]]
-    return hashlib.sha256(json.dumps(key, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()[:16]
-
-
 def normalise(partial: dict[str, Any], dataset: str, source: str, position: int) -> dict[str, Any]:
     """Validate a converter's output and turn it into a `requests` row (without `ingested_at`)."""
     subject = _text(partial.get("subject"), "subject", MAX_SHORT_CHARS)
-    prompt = _text(partial.get("prompt"), "prompt", MAX_PROMPT_CHARS).replace("{}", subject)
+    prompt = fill_prompt(_text(partial.get("prompt"), "prompt", MAX_PROMPT_CHARS), subject)
     if subject not in prompt:
         raise RecordError("subject", f"subject {subject!r} does not occur in the prompt {prompt!r}")
     try:
@@ -508,7 +501,9 @@ def normalise(partial: dict[str, Any], dataset: str, source: str, position: int)
         "generation_prompts": _texts(partial.get("generation_prompts") or [], "generation_prompts", subject),
         "extra": extra,
     }
-    return {"request_id": request_id(request), **request}
+    rid = request_id(subject, prompt, request["target_new"], request["target_true"], request["paraphrase_prompts"],
+                     [(n["prompt"], n["target"]) for n in request["neighborhood"]])
+    return {"request_id": rid, **request}
 
 
 # ---- entry points -------------------------------------------------------------------------------

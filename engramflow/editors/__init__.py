@@ -1,53 +1,83 @@
 """The mathematics of engramflow in plain torch: no Prefect, no Ray.
 
-    delta = editors.edit(model, tok, requests, algorithm="memit", stats=corpus_or_moments)
-    with delta.applied(model): ...        # or delta.apply(model) / delta.revert(model)
+    artifact = editors.edit(model, tok, requests, method="memit", stats=corpus_or_moments)
+    with artifact.applied(model): ...        # or artifact.apply(model) / artifact.revert(model)
+
+Names are imported on first use, so importing this package (the CLI does, for --help) costs no torch.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from engramflow.editors.algorithms import ALGORITHMS, Stats, get_algorithm
-from engramflow.editors.algorithms import precompute_targets as _precompute_targets
-from engramflow.editors.covariance import SecondMoment, layer_stats, partial_stats, reduce_stats, shard_texts
-from engramflow.editors.delta import Delta
-from engramflow.editors.hparams import Hparams, load_preset, resolve
-from engramflow.editors.keys import normalise_requests
-from engramflow.editors.solver import SolverError, solve
-from engramflow.editors.targets import TargetCache
+    from engramflow.editors.artifacts import Artifact
+    from engramflow.editors.cache import RequestCache
+    from engramflow.editors.methods.base import Stats
 
-__all__ = [
-    "ALGORITHMS", "Delta", "Hparams", "SecondMoment", "SolverError", "TargetCache", "edit", "layer_stats",
-    "load_preset", "partial_stats", "precompute_targets", "reduce_stats", "shard_texts", "solve",
-]
+# public name -> module that defines it
+_LAZY = {
+    "Artifact": "artifacts", "from_safetensors": "artifacts", "to_safetensors": "artifacts",
+    "Delta": "delta", "RequestCache": "cache",
+    "Hparams": "hparams", "load_preset": "hparams",
+    "Method": "methods", "METHODS": "methods", "get_method": "methods",
+    "Request": "requests", "RequestError": "requests", "as_requests": "requests",
+    "SecondMoment": "covariance", "layer_stats": "covariance", "partial_stats": "covariance",
+    "reduce_stats": "covariance", "shard_texts": "covariance",
+    "SolverError": "solver", "solve": "solver",
+}
+
+__all__ = [*_LAZY, "edit", "precompute"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
+        if name == "METHODS":
+            module.load_all()
+        return getattr(module, name)
+    try:  # a submodule, e.g. `editors.hparams`
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
 def edit(
-    model: nn.Module, tok, requests: Sequence[Mapping[str, Any]], algorithm: str = "memit",
-    hparams: Hparams | Mapping[str, Any] | str | None = None, stats: Stats = None,
-    cache_dir: str | Path | None = None, target_cache: TargetCache | None = None,
-) -> Delta:
-    """Compute the edit of `requests` (mappings with prompt, subject, target_new) as a Delta; the
-    model is left exactly as it was. `hparams`: None for the model's preset, a preset model name,
-    a mapping of overrides, or Hparams. `stats`: per-layer SecondMoment (or C) or a corpus (path
-    or list of texts) to compute them from, cached in `cache_dir`; `ft` needs none. `target_cache`:
-    optimised targets are read from and written to it (batch algorithms; see TargetCache)."""
-    algo = get_algorithm(algorithm)
-    hp = resolve(algorithm, model, hparams)
-    return algo.run(model, tok, normalise_requests(requests), hp, stats, cache_dir, target_cache)
+    model: nn.Module, tok: Any, requests: Sequence[Mapping[str, Any]], method: str = "memit",
+    hparams: Any = None, stats: Stats = None, *, cache: RequestCache | None = None,
+    state: Artifact | None = None, stats_cache_dir: str | Path | None = None,
+) -> Artifact:
+    """Edit `requests` (mappings with prompt, subject, target_new) into an artifact; the model is left
+    exactly as it was. `hparams`: None for the model's preset, a preset model name, a mapping of
+    overrides, or resolved settings. `stats`: per-layer SecondMoment (or C) or a corpus (path or list
+    of texts) to compute them from, cached in `stats_cache_dir`, for methods that need statistics.
+    `cache`: per-request results (targets, experts) are read from and written to it. `state`: the
+    previous artifact of a method whose artifacts replace each other (SCEN's bank), to continue it."""
+    from engramflow.editors.methods import get_method
+    from engramflow.editors.requests import as_requests
+
+    m = get_method(method)
+    hp = m.hparams(model, hparams)
+    return m.edit(model, tok, as_requests(requests), hp, stats=stats, cache=cache, state=state,
+                  stats_cache_dir=stats_cache_dir)
 
 
-def precompute_targets(
-    model: nn.Module, tok, requests: Sequence[Mapping[str, Any]], target_cache: TargetCache,
-    algorithm: str = "memit", hparams: Hparams | Mapping[str, Any] | str | None = None,
+def precompute(
+    model: nn.Module, tok: Any, requests: Sequence[Mapping[str, Any]], cache: RequestCache,
+    method: str = "memit", hparams: Any = None,
 ) -> int:
-    """Optimise into `target_cache` the targets `edit` would compute for `requests` on this model (so
-    shards of one batch can be optimised by separate workers before the edit); returns the steps
-    taken, 0 when all were cached or the algorithm has no batch targets (rome, ft)."""
-    hp = resolve(algorithm, model, hparams)
-    return _precompute_targets(model, tok, normalise_requests(requests), algorithm, hp, target_cache)
+    """Compute into `cache` the per-request work `edit` would do for `requests` on this model (so
+    shards of one batch can be computed by separate workers before the edit); returns the work done,
+    0 when all was cached or the method has none to share."""
+    from engramflow.editors.methods import get_method
+    from engramflow.editors.requests import as_requests
+
+    m = get_method(method)
+    return m.precompute(model, tok, as_requests(requests), m.hparams(model, hparams), cache)

@@ -1,4 +1,5 @@
-"""An edit as data: per layer, low-rank factors with ΔW = U Vᵀ on the MLP output projection.
+"""An edit as data: per layer, low-rank factors with ΔW = U Vᵀ on the MLP output projection (an
+`Artifact` that model versions stack).
 
 Applying adds U Vᵀ (rounded to the weight's dtype) to W and keeps the original W; reverting copies it
 back, because (W + ΔW) − ΔW ≠ W in floating point. Reverts are last-in-first-out: a revert refuses
@@ -10,17 +11,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from engramflow.editors.adapters import adapter_for
+from engramflow.editors.artifacts import Artifact
 
 
 class DeltaError(RuntimeError):
@@ -32,8 +31,11 @@ def _digest(t: torch.Tensor) -> str:
 
 
 @dataclass
-class Delta:
+class Delta(Artifact):
     """Low-rank weight updates: factors[layer] = (U [d_out, r], V [d_in, r]), ΔW = U Vᵀ."""
+
+    format: ClassVar[str] = "engramflow.delta/1"
+    stacks: ClassVar[bool] = True
 
     factors: dict[int, tuple[torch.Tensor, torch.Tensor]]
     algorithm: str = ""
@@ -96,15 +98,6 @@ class Delta:
             weight.copy_(self._applied.pop(id(weight))[0])
 
     @contextlib.contextmanager
-    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
-        """`with delta.applied(model):` the edited model inside, the original after."""
-        self.apply(model)
-        try:
-            yield model
-        finally:
-            self.revert(model)
-
-    @contextlib.contextmanager
     def overlaid(self, model: nn.Module) -> Iterator[nn.Module]:
         """Forward passes see W + U Vᵀ through hooks (output += (x V) Uᵀ); the weights are not
         touched. Used while an edit is being computed, so the caller's model never changes."""
@@ -145,20 +138,8 @@ class Delta:
         return tensors, header
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> Delta:
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], header: Mapping[str, str]) -> Delta:
         factors = {layer: (tensors[f"layer.{layer}.U"], tensors[f"layer.{layer}.V"])
                    for layer in json.loads(header["layers"])}
         return cls(factors, algorithm=header["algorithm"], request_ids=json.loads(header["request_ids"]),
                    meta=json.loads(header["meta"]))
-
-    def save(self, path: str | Path) -> None:
-        """Write the factors and metadata to one safetensors file."""
-        tensors, header = self.to_tensors()
-        save_file(tensors, str(path), metadata=header)
-
-    @classmethod
-    def load(cls, path: str | Path) -> Delta:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata()
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        return cls.from_tensors(tensors, header)

@@ -1,6 +1,6 @@
 """Keys: the input of the MLP output projection at the fact token, averaged over context prefixes.
 
-Shared text plumbing lives here too: normalising requests, tokenising with character offsets to
+Shared text plumbing lives here too: tokenising with character offsets to
 find the subject's tokens, right-padded batches, and forward hooks that read or stop a forward pass.
 """
 
@@ -11,43 +11,14 @@ import functools
 import inspect
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from engramflow.editors.adapters import adapter_for
+from engramflow.editors.requests import Request, RequestError
 
 FACT_TOKENS = ("subject_last", "subject_first", "last")
-
-
-class RequestError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class Request:
-    """An edit request, normalised: `prompt` has the subject filled in and contains it."""
-
-    prompt: str
-    subject: str
-    target_new: str
-    request_id: str
-
-
-def normalise_requests(requests: Sequence[Mapping]) -> list[Request]:
-    """Check the fields editors need and fill `{}` templates with the subject."""
-    out = []
-    for i, r in enumerate(requests):
-        rid = str(r.get("request_id", i))
-        for field in ("prompt", "subject", "target_new"):
-            if not isinstance(r.get(field), str) or not r[field].strip():
-                raise RequestError(f"request {rid} (position {i}): field {field!r} missing or empty")
-        prompt = r["prompt"].replace("{}", r["subject"])
-        if r["subject"] not in prompt:
-            raise RequestError(f"request {rid} (position {i}): subject {r['subject']!r} not in prompt {prompt!r}")
-        out.append(Request(prompt=prompt, subject=r["subject"], target_new=r["target_new"], request_id=rid))
-    return out
 
 
 # --- context prefixes --------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from torch import nn
 
 from engramflow.editors.adapters import adapter_for
 from engramflow.editors.covariance import model_fingerprint
-from engramflow.editors.files import save_atomic
+from engramflow.editors.cache import RequestCache
 from engramflow.editors.keys import (
     Request,
     RequestError,
@@ -254,48 +254,16 @@ def compute_targets(
     return Targets(delta=delta.detach().T.contiguous(), h=h, loss=loss, steps=steps)
 
 
-class TargetCache:
-    """Optimised targets kept per request in a directory of safetensors files, so runs that edit the
-    same requests into the same weights optimise each target once: the first batch of every algorithm
-    in a comparison (`engramflow demo`), every point of a solver sweep (mom2_update_weight, λ), a
-    rerun. MEMIT's reference code keeps its targets per case for the same reason.
-
-    Valid across batches because each request's δ is optimised on its own prompts only (see the
-    module docstring): a target cached from a batch of 50 is the one that request gets alone. The
-    key covers everything the optimisation reads: the weights (`model_fingerprint`, as the
-    statistics cache; updates overlaid through hooks are not weights, so ROME's later requests never
-    use the cache), layer, settings, prefixes and the request."""
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-
-    @staticmethod
-    def key(fingerprint: str, request: Request, layer: int, prefixes: Sequence[str], settings: dict[str, Any],
-            ) -> str:
-        text = json.dumps([fingerprint, layer, list(prefixes), sorted(settings.items()),
-                           request.prompt, request.subject, request.target_new])
-        return hashlib.sha256(text.encode()).hexdigest()
-
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.safetensors"
-
-    def get(self, key: str) -> dict[str, torch.Tensor] | None:
-        path = self._path(key)
-        return load_file(path) if path.exists() else None
-
-    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        save_atomic(tensors, self._path(key))
-
-
 def cached_targets(model: nn.Module, tok, requests: Sequence[Request], layer: int, prefixes: Sequence[str],
-                   cache: TargetCache | None, *, chunk_size: int = 512, **settings: Any) -> Targets:
+                   cache: RequestCache | None, *, chunk_size: int = 512, **settings: Any) -> Targets:
     """`compute_targets` for the requests `cache` does not hold yet; the rest are read from it.
     `settings` are compute_targets' optimisation settings (they are part of the key); `steps` counts
     the optimisation steps this call took (0 when every target was cached)."""
     if cache is None:
         return compute_targets(model, tok, requests, layer, prefixes, chunk_size=chunk_size, **settings)
     fingerprint = model_fingerprint(model)
-    keys = [cache.key(fingerprint, r, layer, prefixes, settings) for r in requests]
+    keys = [cache.key(fingerprint, layer, list(prefixes), sorted(settings.items()), r.prompt, r.subject, r.target_new)
+            for r in requests]
     found = {i: hit for i, k in enumerate(keys) if (hit := cache.get(k)) is not None}
     missing = [i for i in range(len(requests)) if i not in found]
     steps = 0

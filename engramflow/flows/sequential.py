@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import wait
 from prefect_ray.context import remote_options
 
-from engramflow.editors.algorithms import get_algorithm
+from engramflow.editors.methods import get_method
 from engramflow.flows.stats import compute_stats
 from engramflow.ledger import (
     Version,
@@ -190,7 +190,7 @@ def run_batches(flow_name: str, cfg: RunConfig, run_id: str | None = None) -> st
                 # Target optimisation dominates editing: its shards run as parallel tasks first (one core
                 # or GPU each), then the edit reads their targets from the cache.
                 shards = cfg.target_shards if index not in committed_before else 1
-                if shards > 1 and get_algorithm(cfg.algorithm).batch_targets:
+                if shards > 1 and get_method(cfg.algorithm).shardable:
                     with remote_options(**cpu_options(cfg.device, 1)):
                         steps = [optimise_targets.submit(parent, batch[i::shards], cfg.algorithm, hparams, cfg.device)
                                  for i in range(shards) if batch[i::shards]]

@@ -25,11 +25,11 @@ from engramflow.storage import Store
 from engramflow.tasks.stats import load_moments
 
 
-def target_cache() -> editors.TargetCache:
+def target_cache() -> editors.RequestCache:
     """Optimised targets, kept per request under the home: the first batch of each run that starts from
     the same weights (every algorithm of `engramflow demo`, every point of a sweep) optimises them
     once, and the shards of `optimise_targets` hand theirs to `edit_batch`."""
-    return editors.TargetCache(home.get_home() / "cache" / "targets")
+    return editors.RequestCache(home.get_home() / "cache" / "targets")
 
 
 @task(name="optimise-targets", cache_policy=NO_CACHE)
@@ -43,8 +43,8 @@ def optimise_targets(parent: Version, request_ids: list[str], algorithm: str, hp
     use_assigned_cpus()
     store = Store()
     model, tok = materialize(store, parent, device=device)
-    return editors.precompute_targets(model, tok, fetch_requests(store, request_ids), target_cache(),
-                                      algorithm=algorithm, hparams=hparams)
+    return editors.precompute(model, tok, fetch_requests(store, request_ids), target_cache(),
+                              method=algorithm, hparams=hparams)
 
 
 @task(name="edit-batch", cache_policy=NO_CACHE)
@@ -65,8 +65,8 @@ def edit_batch(run_id: str, batch_index: int, parent: Version, request_ids: list
         requests = fetch_requests(store, request_ids)
         stats = load_moments(store, stats_keys) if stats_keys else None
         start = time.perf_counter()
-        delta = editors.edit(model, tok, requests, algorithm=algorithm, hparams=hparams, stats=stats,
-                             target_cache=target_cache())
+        delta = editors.edit(model, tok, requests, method=algorithm, hparams=hparams, stats=stats,
+                             cache=target_cache())
         delta.meta["seconds"] = time.perf_counter() - start
         delta.meta["batch_index"] = batch_index
         version = record_version(store, version_id, parent, [save_delta(store, delta)], run_id,

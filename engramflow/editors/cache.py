@@ -1,0 +1,44 @@
+"""Per-request results kept in a directory of safetensors files, keyed by everything that determines
+them: optimised target values (MEMIT, EMMET, AlphaEdit) and SCEN's stage-1 experts.
+
+Valid across batches and runs because each request's result depends on that request and the weights
+alone (each target is optimised on its own prompts; each expert is trained on its own fact), so the
+first batch of every method in a comparison, every point of a solver sweep and a rerun all compute it
+once, and shards of a batch computed by separate workers hand theirs to the edit through it. MEMIT's
+reference code keeps its targets per case for the same reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from engramflow.editors.files import save_atomic
+
+
+class RequestCache:
+    """key -> tensors, one file each under `root`."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    @staticmethod
+    def key(*parts: Any) -> str:
+        """The key of a result determined by `parts` (JSON-serialisable)."""
+        return hashlib.sha256(json.dumps(list(parts)).encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        path = self._path(key)
+        return load_file(path) if path.exists() else None
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        save_atomic(tensors, self._path(key))
