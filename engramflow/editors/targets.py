@@ -16,22 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from engramflow.editors.adapters import adapter_for
-from engramflow.editors.covariance import model_fingerprint
 from engramflow.editors.cache import RequestCache
+from engramflow.editors.covariance import model_fingerprint
 from engramflow.editors.keys import (
     Request,
     RequestError,
