@@ -57,8 +57,8 @@ def main() -> None:
     os.environ["ENGRAMFLOW_STORE"] = tempfile.mkdtemp(prefix="stats-bench-")
 
     from engramflow.flows.stats import stats_flow
+    from engramflow.ledger import default_store
     from engramflow.runtime import pipeline_runtime, task_runner
-    from engramflow.storage import Store
     from engramflow.tasks.stats import corpus_texts
 
     texts = corpus_texts(args.corpus)
@@ -74,7 +74,7 @@ def main() -> None:
             keys = stats_flow.with_options(task_runner=task_runner())(
                 model_dir, layers, args.corpus, n_shards=workers, max_tokens=args.tokens)
             seconds = time.perf_counter() - start
-            n = int(Store().tensor_metadata(keys[layers[0]])["n"])
+            n = int(default_store().tensor_metadata(keys[layers[0]])["n"])
             rows.append((f"pipeline statistics, {workers} Ray worker(s), {len(layers)} layer(s)", n / seconds, seconds))
 
     table = Table(title=f"covariance statistics, {args.model}, {args.tokens:,} tokens")

@@ -1,10 +1,11 @@
-"""The edit ledger: run and version ids, what a run has committed, and materialising a model version.
+"""The edit ledger: run and version ids, model versions, materialising and reverting them.
 
-A model version is a base model directory plus an ordered list of deltas kept in the store as
-safetensors (`model_versions.delta_keys`); materialising it loads the base and applies the deltas
-in order. Ids are deterministic (a hash of what defines them), so a flow that is killed and started
-again finds its own rows, and the commit point of a batch is the `model_versions` row of the version
-it produced: a batch with that row is never edited again.
+A model version is a base model directory plus the artifacts of the edits behind it: stacking ones
+(deltas, `delta_keys`, applied in order) and at most one state artifact that each edit of its method
+replaces (SCEN's expert bank, `state_key`). Artifacts are content-addressed safetensors in the store.
+Ids are deterministic (a hash of what defines them), so a flow that is killed and started again finds
+its own rows, and the commit point of a batch is the `model_versions` row of the version it produced:
+a batch with that row is never edited again.
 """
 
 from __future__ import annotations
@@ -12,11 +13,19 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow.compute as pc
 
+from engramflow import home
 from engramflow.storage import Store
+from engramflow.storage import queries as q
+
+
+def default_store() -> Store:
+    """The store of the current home (`ENGRAMFLOW_STORE`, else `<home>/store`)."""
+    return Store(home.store_root())
 
 
 def stable_id(prefix: str, *parts: Any) -> str:
@@ -42,10 +51,28 @@ def edit_id(run_id: str, batch_index: int, request_id: str) -> str:
 class Version:
     version_id: str
     base_model: str
-    delta_keys: tuple[str, ...]
+    delta_keys: tuple[str, ...]  # stacking artifacts, applied in order
     parent_version: str | None = None
     run_id: str | None = None
-    bank_key: str | None = None  # SCEN expert bank attached on top of the deltas
+    state_key: str | None = None  # the state artifact attached on top (SCEN's bank), if any
+
+    def weights_only(self) -> Version:
+        """This version without its state artifact: the weights a state method computes on."""
+        return Version(self.version_id, self.base_model, self.delta_keys, self.parent_version, self.run_id)
+
+
+def _from_row(row: dict[str, Any]) -> Version:
+    return Version(row["version_id"], row["base_model"], tuple(row["delta_keys"]), row["parent_version"],
+                   row["run_id"], row["state_key"])
+
+
+def _write_version(store: Store, version: Version, note: str | None) -> Version:
+    """The one place a `model_versions` row is written."""
+    store.append("model_versions", [{"version_id": version.version_id, "run_id": version.run_id,
+                                     "parent_version": version.parent_version, "base_model": version.base_model,
+                                     "delta_keys": list(version.delta_keys), "state_key": version.state_key,
+                                     "note": note}])
+    return version
 
 
 def get_version(store: Store, version_id: str) -> Version:
@@ -53,9 +80,7 @@ def get_version(store: Store, version_id: str) -> Version:
     table = store.read("model_versions", filter=pc.field("version_id") == version_id)
     if table.num_rows == 0:
         raise KeyError(f"model version {version_id!r} is not recorded in {store.root}")
-    row = table.slice(table.num_rows - 1).to_pylist()[0]
-    return Version(row["version_id"], row["base_model"], tuple(row["delta_keys"]),
-                   row["parent_version"], row["run_id"], row["bank_key"])
+    return _from_row(table.slice(table.num_rows - 1).to_pylist()[0])
 
 
 def ensure_base_version(store: Store, base_model: str) -> Version:
@@ -64,24 +89,22 @@ def ensure_base_version(store: Store, base_model: str) -> Version:
     try:
         return get_version(store, version_id)
     except KeyError:
-        store.append("model_versions", [{"version_id": version_id, "run_id": None, "parent_version": None,
-                                         "base_model": base_model, "delta_keys": [], "note": "unedited"}])
-        return Version(version_id, base_model, ())
+        return _write_version(store, Version(version_id, base_model, ()), "unedited")
 
 
-def record_version(store: Store, version_id: str, parent: Version, delta_keys: list[str],
-                   run_id: str | None, note: str | None = None, bank_key: str | None = None) -> Version:
-    """Append a version = `parent` + `delta_keys` (+ an expert bank replacing the parent's, if given).
-    Idempotent: an existing row is returned as is."""
+def record_version(store: Store, version_id: str, parent: Version, artifact: Any, key: str, run_id: str | None,
+                   note: str | None = None) -> Version:
+    """Record version = `parent` + `artifact` (stored under `key`): stacked after the parent's deltas, or
+    replacing its state. Idempotent: an existing row is returned as is."""
     try:
         return get_version(store, version_id)
     except KeyError:
-        keys = [*parent.delta_keys, *delta_keys]
-        bank = bank_key or parent.bank_key
-        store.append("model_versions", [{"version_id": version_id, "run_id": run_id,
-                                         "parent_version": parent.version_id, "base_model": parent.base_model,
-                                         "delta_keys": keys, "bank_key": bank, "note": note}])
-        return Version(version_id, parent.base_model, tuple(keys), parent.version_id, run_id, bank)
+        if artifact.stacks:
+            version = Version(version_id, parent.base_model, (*parent.delta_keys, key), parent.version_id, run_id,
+                              parent.state_key)
+        else:
+            version = Version(version_id, parent.base_model, parent.delta_keys, parent.version_id, run_id, key)
+        return _write_version(store, version, note)
 
 
 def committed_batches(store: Store, run_id: str) -> dict[int, str]:
@@ -98,49 +121,57 @@ def recorded_ids(store: Store, table: str, column: str, run_id: str) -> set[str]
     return set(rows.column(column).to_pylist())
 
 
-def save_delta(store: Store, delta: Any) -> str:
-    """Store an `editors.Delta` as content-addressed safetensors; return its key."""
-    tensors, metadata = delta.to_tensors()
-    return store.put_tensors(tensors, metadata)
+# --- runs ----------------------------------------------------------------------------------------
+def record_run(store: Store, run_id: str, flow: str, algorithm: str | None, model: str | None,
+               dataset: str | None, params: dict[str, Any], status: str, error: str | None = None) -> None:
+    """Append a `runs` row for a status change (running, completed, failed)."""
+    rows = store.read("runs", columns=["run_id", "started_at"], filter=pc.field("run_id") == run_id)
+    now = datetime.now(timezone.utc)
+    started = min(rows.column("started_at").to_pylist()) if rows.num_rows else now
+    if error is not None:
+        params = {**params, "error": error}
+    store.append("runs", [{"run_id": run_id, "flow": flow, "algorithm": algorithm, "model": model,
+                           "dataset": dataset, "params": json.dumps(params, sort_keys=True, default=str),
+                           "status": status, "started_at": started,
+                           "finished_at": None if status == "running" else now}])
 
 
-def load_delta(store: Store, key: str) -> Any:
-    from engramflow.editors.delta import Delta
+# --- artifacts -----------------------------------------------------------------------------------
+def save_artifact(store: Store, artifact: Any) -> str:
+    """Store an edit artifact as content-addressed safetensors; return its key."""
+    from engramflow.editors.artifacts import to_safetensors
 
-    return Delta.from_tensors(store.get_tensors(key), store.tensor_metadata(key))
+    return store.put_tensors(*to_safetensors(artifact))
 
 
-def materialize(store: Store, version: Version | str, device: str = "cpu") -> tuple[Any, Any]:
-    """Load the base model of `version`, apply its deltas in order and attach its expert bank:
-    (model, tokenizer)."""
-    from engramflow.editors.adapters import adapter_for
+def load_artifact(store: Store, key: str) -> Any:
+    """The artifact stored under `key` (a Delta, an expert bank, ...)."""
+    from engramflow.editors.artifacts import from_safetensors
+
+    return from_safetensors(store.get_tensors(key), store.tensor_metadata(key), source=f"tensor {key}")
+
+
+def materialize(store: Store, version: Version | str, device: str = "cpu", with_state: bool = True,
+                ) -> tuple[Any, Any]:
+    """Load the base model of `version`, merge its deltas in order and (with `with_state`) attach its
+    state artifact: (model, tokenizer)."""
     from engramflow.models import load_model
 
     if isinstance(version, str):
         version = get_version(store, version)
     model, tok = load_model(version.base_model, device=device)
-    adapter = adapter_for(model)
-    # Added directly rather than via Delta.apply, which keeps a copy of each weight for an exact revert.
     for key in version.delta_keys:
-        delta = load_delta(store, key)
-        for layer in delta.layers:
-            adapter.add_to_down_weight(model, layer, delta.matrix(layer))
-    if version.bank_key:
-        from engramflow.editors import scen
-
-        bank = load_bank(store, version.bank_key)
-        scen.attach(model, bank.layer, bank)
+        load_artifact(store, key).merge(model)
+    if with_state and version.state_key:
+        load_artifact(store, version.state_key).apply(model)
     return model, tok
 
 
-def load_bank(store: Store, key: str) -> Any:
-    from engramflow.editors.scen import ExpertBank
+def fetch_requests(store: Store, request_ids: list[str]) -> list[Any]:
+    """Requests (`engramflow.editors.requests.Request`) in the order of `request_ids` (KeyError naming
+    the first missing ids)."""
+    from engramflow.editors.requests import Request
 
-    return ExpertBank.from_tensors(store.get_tensors(key), store.tensor_metadata(key), source=f"tensor {key}")
-
-
-def fetch_requests(store: Store, request_ids: list[str]) -> list[dict[str, Any]]:
-    """Request rows in the order of `request_ids` (KeyError naming the first missing id)."""
     if not request_ids:
         return []
     table = store.read("requests", filter=pc.field("request_id").isin(request_ids))
@@ -148,26 +179,94 @@ def fetch_requests(store: Store, request_ids: list[str]) -> list[dict[str, Any]]
     missing = [r for r in request_ids if r not in by_id]
     if missing:
         raise KeyError(f"requests not in the store: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    return [by_id[r] for r in request_ids]
+    return [Request.from_mapping(by_id[r]) for r in request_ids]
 
 
-def write_edit_rows(store: Store, run_id: str, batch_index: int, version: Version) -> int:
-    """Append the `edits` rows of a committed batch, rebuilt from its version row and the delta's
-    metadata (so a flow killed between the commit and this write loses nothing). Idempotent."""
-    key = version.delta_keys[-1]
-    meta = store.tensor_metadata(key)
-    request_ids = json.loads(meta["request_ids"])
-    norms = json.loads(meta["frobenius_norms"])
-    extra = json.loads(meta.get("meta", "{}"))
+def added_artifact(store: Store, version: Version) -> tuple[str, Any, set[str]]:
+    """(key, artifact, request ids) of what a batch version added to its parent: its last delta, or its
+    new state artifact and the requests that state holds beyond the parent's."""
+    parent = get_version(store, version.parent_version) if version.parent_version else None
+    if parent is None or version.state_key == parent.state_key:
+        key = version.delta_keys[-1]
+        artifact = load_artifact(store, key)
+        return key, artifact, set(artifact.request_ids)
+    artifact = load_artifact(store, version.state_key)
+    old = set(load_artifact(store, parent.state_key).request_ids) if parent.state_key else set()
+    return version.state_key, artifact, set(artifact.request_ids) - old
+
+
+def write_edit_rows(store: Store, run_id: str, batch_index: int, version: Version, seconds: float | None,
+                    ) -> int:
+    """Append the `edits` rows (and `experts` rows, for artifacts that hold one expert per request) of a
+    committed batch, rebuilt from its version row and stored artifact, so a flow killed between the
+    commit and this write loses nothing. `seconds`: the batch's wall time (None when the batch was
+    committed by an earlier, interrupted run). Idempotent."""
+    key, artifact, added = added_artifact(store, version)
     done = recorded_ids(store, "edits", "edit_id", run_id)
+    new_ids = [rid for rid in artifact.request_ids if rid in added and edit_id(run_id, batch_index, rid) not in done]
+    records = artifact.edit_records(new_ids)
     rows = [{
         "edit_id": edit_id(run_id, batch_index, rid), "run_id": run_id, "request_id": rid,
-        "algorithm": meta["algorithm"], "layers": [int(layer) for layer in json.loads(meta["layers"])],
+        "algorithm": artifact.method_name, "layers": records[rid]["layers"],
         "batch_index": batch_index, "version_before": version.parent_version,
-        "version_after": version.version_id, "delta_key": key,
-        "delta_norm": float(sum(v * v for v in norms.values()) ** 0.5),
-        # wall time of the whole batch, shared out over its requests
-        "seconds": float(extra.get("seconds", 0.0)) / max(1, len(request_ids)),
-    } for rid in request_ids if edit_id(run_id, batch_index, rid) not in done]
+        "version_after": version.version_id, "delta_key": key, "delta_norm": records[rid]["norm"],
+        "seconds": None if seconds is None else seconds / max(1, len(added)),  # shared out over the batch
+    } for rid in new_ids]
     store.append("edits", rows)
+    store.append("experts", [
+        {"expert_id": stable_id("expert", run_id, rid), "run_id": run_id, "request_id": rid,
+         "layer": records[rid]["layers"][0], "rank": records[rid].get("rank"), "expert_key": key,
+         "neuron_key": key, "bytes": records[rid].get("bytes"), "removed": False}
+        for rid in new_ids if records[rid].get("expert")])
     return len(rows)
+
+
+# --- revert --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Revert:
+    """A recorded revert: the new version, the version it was made from, and what was removed."""
+
+    version: Version
+    parent: Version
+    edit: dict[str, Any]
+    removed_key: str
+    also_removed: list[dict[str, Any]]  # the other edits that had to go with it (the rest of a delta's batch)
+
+
+def revert_edit(store: Store, edit_id_: str, run_id: str | None = None) -> Revert:
+    """Record a model version = the newest version of the edit's run (or `run_id`) without the edit.
+    An artifact that can drop one request (`without`: SCEN's bank) loses exactly that one; a delta is
+    one solve over its whole batch, so the whole delta goes and its other edits with it
+    (`also_removed`). The new version becomes the run's newest, so later reverts compose."""
+    edit = q.edit_row(store, edit_id_)
+    key = edit["delta_key"]
+    if key is None:
+        raise ValueError(f"edit {edit_id_!r} has no artifact recorded, so there is nothing to remove")
+    run = run_id or edit["run_id"]
+    parent = get_version(store, q.latest_version(store, run)["version_id"])
+    if key not in (*parent.delta_keys, parent.state_key):
+        raise ValueError(f"edit {edit_id_!r}: its artifact {key[:12]}… is not in {parent.version_id}, the newest "
+                         f"version of run {run!r} (already reverted, or never part of that run)")
+    artifact = load_artifact(store, key)
+    if edit["request_id"] not in artifact.request_ids:
+        raise ValueError(f"edit {edit_id_!r}: its request is not in {parent.version_id} (already reverted?)")
+    smaller = artifact.without([edit["request_id"]])
+    if smaller is None:
+        version = Version(stable_id("revert", parent.version_id, key), parent.base_model,
+                          tuple(k for k in parent.delta_keys if k != key), parent.version_id, run, parent.state_key)
+        others = [e for e in q.delta_edits(store, key) if e["edit_id"] != edit_id_]
+    else:
+        new_key = save_artifact(store, smaller)
+        keys = tuple(new_key if k == key else k for k in parent.delta_keys)
+        state = new_key if parent.state_key == key else parent.state_key
+        version = Version(stable_id("revert", parent.version_id, edit_id_), parent.base_model, keys,
+                          parent.version_id, run, state)
+        others = []
+        record = artifact.edit_records([edit["request_id"]])[edit["request_id"]]
+        if record.get("expert"):
+            store.append("experts", [{"expert_id": stable_id("expert", edit["run_id"], edit["request_id"]),
+                                      "run_id": run, "request_id": edit["request_id"], "layer": record["layers"][0],
+                                      "rank": record.get("rank"), "expert_key": key, "neuron_key": new_key,
+                                      "bytes": 0, "removed": True}])
+    _write_version(store, version, f"revert of {edit_id_}")
+    return Revert(version=version, parent=parent, edit=edit, removed_key=key, also_removed=others)

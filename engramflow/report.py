@@ -1,8 +1,8 @@
 """Reports and audit over the store: what sequential editing did to a model, and what it changed.
 
 `write_report` renders one run (PNG plots and `report.md`), `compare_report` overlays several runs
-in one figure per metric; `subject_history` lists every edit that touched a subject, and
-`revert_edit` records a new model version without the delta that carried an edit.
+in one figure per metric, `summary_table` is what the CLI prints after a run; `subject_history` lists
+every edit that touched a subject.
 
 Plots put the number of edits applied on the x axis (0 = the unedited model, step -1), so runs
 with different batch sizes line up; a run whose steps have no `edits` rows falls back to batches.
@@ -21,7 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from engramflow.ledger import Version, get_version, load_bank, stable_id
+from engramflow.ledger import get_version
 from engramflow.storage import Store
 from engramflow.storage import queries as q
 
@@ -138,7 +138,9 @@ def summary(data: RunData) -> dict[str, Any]:
                            "collapse": data.collapse}
     for metric in (*SCORES, *MAGNITUDES):
         out[metric] = at(data.scores.get(metric), last)
+        out[f"{metric}_unedited"] = at(data.scores.get(metric), -1)  # the same requests, before any edit
     out["s"] = harmonic([out[m] for m in SCORES])
+    out["s_unedited"] = harmonic([out[f"{m}_unedited"] for m in SCORES])
     if data.first_batch is not None:
         out["retention_es"] = at(data.retention.get("es"), last)
     for metric in ("probe_top1", "perplexity", "ge", "rel_norm"):
@@ -452,63 +454,42 @@ def subject_history(store: Store, subject: str, contains: bool = False) -> list[
     return rows
 
 
-@dataclass(frozen=True)
-class Revert:
-    """A recorded revert: the new version, the version it was made from, and what was removed."""
-
-    version: Version
-    parent: Version
-    edit: dict[str, Any]
-    removed_key: str
-    also_removed: list[dict[str, Any]]  # the other edits of the same delta (batch)
+# --- the terminal ------------------------------------------------------------------------------
+# Rows of `summary_table`: (summary key, label, has an unedited value).
+SUMMARY_ROWS = (
+    ("es", "ES", True), ("ps", "PS", True), ("ns", "NS", True), ("s", "S", True),
+    ("retention_es", "first batch ES", False), ("probe_top1", "probe top-1", True),
+    ("perplexity", "perplexity", True), ("ge", "fluency (ge)", True), ("rel_norm", "max rel. norm", True),
+)
 
 
-def revert_edit(store: Store, edit_id: str, run_id: str | None = None) -> Revert:
-    """Record a model version = the newest version of the edit's run (or `run_id`) without the delta
-    that carried the edit. One delta holds a whole batch, solved jointly, so its other edits go too
-    (`also_removed`). The new version becomes the run's newest, so later reverts compose."""
-    edit = q.edit_row(store, edit_id)
-    key = edit["delta_key"]
-    if key is None:
-        raise ValueError(f"edit {edit_id!r} has no delta recorded, so there is nothing to remove")
-    run = run_id or edit["run_id"]
-    parent = get_version(store, q.latest_version(store, run)["version_id"])
-    if edit["algorithm"] == "scen":
-        return _revert_expert(store, edit, run, parent)
-    if key not in parent.delta_keys:
-        raise ValueError(f"edit {edit_id!r}: its delta {key[:12]}… is not in {parent.version_id}, the newest version "
-                         f"of run {run!r} (already reverted, or never part of that run)")
-    keys = tuple(k for k in parent.delta_keys if k != key)
-    version = Version(stable_id("revert", parent.version_id, key), parent.base_model, keys, parent.version_id, run,
-                      parent.bank_key)
-    store.append("model_versions", [{"version_id": version.version_id, "run_id": run,
-                                     "parent_version": parent.version_id, "base_model": parent.base_model,
-                                     "delta_keys": list(keys), "bank_key": parent.bank_key,
-                                     "note": f"revert of {edit_id}"}])
-    others = [e for e in q.delta_edits(store, key) if e["edit_id"] != edit_id]
-    return Revert(version=version, parent=parent, edit=edit, removed_key=key, also_removed=others)
+def summary_table(summaries: Sequence[Mapping[str, Any]], title: str = "") -> Any:
+    """One rich table for the CLI (after a run, `demo`, `report`): a metric per row, a run per column,
+    and the unedited model in its own column when every run starts from the same one (else each cell
+    reads unedited → final). Narrow enough for an 80-column terminal with three runs."""
+    from rich.table import Table
 
-
-def _revert_expert(store: Store, edit: dict[str, Any], run: str, parent: Version) -> Revert:
-    """SCEN's revert is exact and touches one fact: a version whose bank lacks that fact's expert and
-    neuron (every other expert and neuron is kept as it was)."""
-    if not parent.bank_key:
-        raise ValueError(f"edit {edit['edit_id']!r}: {parent.version_id}, the newest version of run {run!r}, has no "
-                         "expert bank")
-    bank = load_bank(store, parent.bank_key)
-    try:
-        bank.remove(edit["request_id"])
-    except KeyError:
-        raise ValueError(f"edit {edit['edit_id']!r}: its expert is not in the bank of {parent.version_id} "
-                         "(already reverted?)") from None
-    bank_key = store.put_tensors(*bank.to_tensors())
-    version = Version(stable_id("revert", parent.version_id, edit["edit_id"]), parent.base_model,
-                      parent.delta_keys, parent.version_id, run, bank_key)
-    store.append("model_versions", [{"version_id": version.version_id, "run_id": run,
-                                     "parent_version": parent.version_id, "base_model": parent.base_model,
-                                     "delta_keys": list(parent.delta_keys), "bank_key": bank_key,
-                                     "note": f"revert of {edit['edit_id']}"}])
-    store.append("experts", [{"expert_id": stable_id("expert", edit["run_id"], edit["request_id"]), "run_id": run,
-                              "request_id": edit["request_id"], "layer": bank.layer, "rank": bank.config.rank,
-                              "expert_key": parent.bank_key, "neuron_key": bank_key, "bytes": 0, "removed": True}])
-    return Revert(version=version, parent=parent, edit=edit, removed_key=parent.bank_key, also_removed=[])
+    names = [str(s["algorithm"]) for s in summaries]
+    if len(set(names)) < len(names):  # the same method twice: tell the runs apart
+        names = [f"{n} {s['run_id'][-6:]}" for n, s in zip(names, summaries, strict=True)]
+    shared = all(s.get(f"{k}_unedited") == summaries[0].get(f"{k}_unedited")
+                 for s in summaries for k, _, before in SUMMARY_ROWS if before)
+    table = Table(title=title or None, title_justify="left")
+    table.add_column("metric")
+    if shared:
+        table.add_column("unedited", justify="right")
+    for name in names:
+        table.add_column(name, justify="right", overflow="fold")
+    for key, label, before in SUMMARY_ROWS:
+        if all(s.get(key) is None for s in summaries):
+            continue
+        cells = []
+        for s in summaries:
+            final = fmt(s.get(key), key)
+            cells.append(final if shared or not before else f"{fmt(s.get(f'{key}_unedited'), key)} → {final}")
+        table.add_row(label, *([fmt(summaries[0].get(f"{key}_unedited"), key) if before else "—"] if shared else []),
+                      *cells)
+    table.add_row("edits", *(["0"] if shared else []), *(fmt(s.get("edits")) for s in summaries))
+    table.add_row("collapse", *(["—"] if shared else []),
+                  *("none" if s.get("collapse") is None else f"batch {s['collapse']}" for s in summaries))
+    return table

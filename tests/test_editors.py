@@ -339,19 +339,22 @@ def test_edit_takes_and_leaves_the_model_alone(model, tok, stats, algorithm: str
 
 
 def test_rome_update_puts_the_key_on_its_target_value(model, tok, stats) -> None:
-    """ROME's equality constraint on a real model: W_new k = W k + (z − h) at the edited layer."""
+    """ROME's equality constraint on a real model: W_new k = W k + (z − h) at the edited layer, exactly
+    at the bare prompt's key (the reference's denominator; the direction comes from the averaged key)."""
     req = as_requests(REQUESTS[:1])
     hp = editors.hparams.from_mapping({**TAKES, "layers": [1]})
     delta = editors.edit(model, tok, REQUESTS[:1], method="rome", hparams=hp, stats=stats)
     prefixes = editors.keys.context_prefixes(model, tok, hp.context_spec, hp.seed)
-    k = compute_keys(model, tok, req, [1], prefixes, "last")[1][:, 0]
+    k = compute_keys(model, tok, req, [1], [""], "last")[1][:, 0]
     W = adapter_for(model).down_weight(model, 1).detach()
     U, V = delta.factors[1]
     moved = (W + U @ V.T) @ k - W @ k
     t = compute_targets(model, tok, req, 1, prefixes, v_num_grad_steps=hp.v_num_grad_steps, v_lr=hp.v_lr,
                         v_weight_decay=hp.v_weight_decay, kl_factor=hp.kl_factor,
                         clamp_norm_factor=hp.clamp_norm_factor, fact_token="last")
-    assert (moved - t.delta[:, 0]).norm() / t.delta[:, 0].norm() < 1e-4
+    assert (moved - t.delta[:, 0]).norm() / t.delta[:, 0].norm() < 1e-5
+    k_avg = compute_keys(model, tok, req, [1], prefixes, "last")[1][:, 0]  # the averaged key: only a share
+    assert ((W + U @ V.T) @ k_avg - W @ k_avg - t.delta[:, 0]).norm() / t.delta[:, 0].norm() > 1e-3
 
 
 def test_unknown_algorithm_and_missing_stats_are_clear_errors(model, tok) -> None:
@@ -368,3 +371,46 @@ def test_every_preset_loads() -> None:
         algorithm, model_name = path.stem.split("-", 1)
         assert algorithm in editors.METHODS, path.name
         assert editors.load_preset(algorithm, model_name).layers, path.name
+
+
+def test_statistics_exclusion_removes_exactly_the_listed_texts(model, tok) -> None:
+    """Σ k kᵀ over the corpus minus Σ k kᵀ over it without the texts naming the edited subjects equals
+    Σ k kᵀ over exactly those texts (the sum check), and no excluded text's keys are left in."""
+    from engramflow.editors.covariance import excluding
+
+    subjects = [r["subject"] for r in REQUESTS]  # Anna Berg, Tom Vale, Mark Jr.
+    named = [t for t in CORPUS if any(s in t for s in subjects)]
+    assert len(named) == 3
+    full = partial_stats(model, tok, [1], CORPUS)[1]
+    kept = partial_stats(model, tok, [1], list(excluding(CORPUS, subjects)))[1]
+    only = partial_stats(model, tok, [1], named)[1]
+    assert full.n == kept.n + only.n
+    torch.testing.assert_close(full.sum_kk - kept.sum_kk, only.sum_kk, rtol=1e-5, atol=1e-4)
+    assert list(excluding(CORPUS, [])) == CORPUS
+
+
+def test_statistics_count_samples_like_the_references(model, tok) -> None:
+    """mom2_n_samples counts texts (the references' unit), mom2_n_tokens counts keys."""
+    by_texts = partial_stats(model, tok, [1], CORPUS, max_samples=4)[1]
+    first_four = partial_stats(model, tok, [1], CORPUS[:4])[1]
+    assert by_texts.n == first_four.n
+    torch.testing.assert_close(by_texts.sum_kk, first_four.sum_kk)
+    assert partial_stats(model, tok, [1], CORPUS, max_tokens=10)[1].n == 10
+
+
+def test_alphaedit_keeps_the_keys_of_its_earlier_edits(model, tok, stats) -> None:
+    """Sequential AlphaEdit carries K_p: the second batch, given the first's delta as history, moves the
+    first batch's keys far less than the same batch edited without it, and still edits."""
+    hp = {**TAKES, "layers": [1], "nullspace_threshold": 0.5, "alphaedit_l2": 1.0}
+    first = editors.edit(model, tok, REQUESTS[:2], method="alphaedit", hparams=hp, stats=stats)
+    assert first.keys[1].shape[1] == 2
+    with first.applied(model):
+        second = editors.edit(model, tok, REQUESTS[2:], method="alphaedit", hparams=hp, stats=stats,
+                              history=[first])
+        alone = editors.edit(model, tok, REQUESTS[2:], method="alphaedit", hparams=hp, stats=stats)
+    K_p = first.keys[1]
+    kept, moved = (second.matrix(1) @ K_p).norm(), (alone.matrix(1) @ K_p).norm()
+    assert kept < 0.5 * moved and second.matrix(1).norm() > 0
+    # stored and read back with its keys
+    back = editors.from_safetensors(*editors.to_safetensors(first))
+    torch.testing.assert_close(back.keys[1], first.keys[1])

@@ -11,13 +11,15 @@ import time
 
 import pytest
 
-from engramflow.flows.sequential import RunConfig, edit_flow, experts_flow, sequential_flow
-from engramflow.ledger import committed_batches
+from engramflow.flows.config import RunConfig
+from engramflow.flows.edit import edit_flow
+from engramflow.flows.experts import experts_flow
+from engramflow.flows.sequential import sequential_flow
+from engramflow.ledger import committed_batches, default_store
 from engramflow.storage import Store
 from engramflow.storage.queries import degradation, drift, history
 
-TINY = dict(model="organism-tiny", dataset="world-tiny", format="world", corpus="world-tiny",
-            stats_tokens=20_000, n_probes=30)
+TINY = dict(dataset="world-tiny", format="world", corpus="world-tiny", stats_tokens=20_000, n_probes=30)
 
 
 def _run(flow, cfg: RunConfig) -> str:
@@ -29,8 +31,8 @@ def _run(flow, cfg: RunConfig) -> str:
 @pytest.fixture(scope="module")
 def sequential_run(ray_runtime, tiny_organism) -> tuple[Store, str, RunConfig]:
     # two target shards: each batch's targets are optimised by two parallel tasks, then read by the edit
-    cfg = RunConfig(algorithm="memit", n=12, batch_size=4, target_shards=2, **TINY)
-    return Store(), _run(sequential_flow, cfg), cfg
+    cfg = RunConfig(algorithm="memit", model=str(tiny_organism), n=12, batch_size=4, shards=2, **TINY)
+    return default_store(), _run(sequential_flow, cfg), cfg
 
 
 def test_sequential_flow_records_every_batch_once(sequential_run):
@@ -73,8 +75,8 @@ def test_history_finds_an_edited_subject(sequential_run):
 
 
 def test_edit_flow_single_batch_with_located_layer(ray_runtime, tiny_organism):
-    store = Store()
-    cfg = RunConfig(algorithm="rome", n=1, layers="auto", **TINY)
+    store = default_store()
+    cfg = RunConfig(algorithm="rome", model=str(tiny_organism), n=1, layers="auto", **TINY)
     run_id = _run(edit_flow, cfg)
     assert list(committed_batches(store, run_id)) == [0]
     layers = store.connect().execute(f"select layers from edits where run_id = '{run_id}'").fetchone()[0]
@@ -135,7 +137,8 @@ def test_resume_after_sigkill_applies_no_edit_twice_and_loses_none(tiny_organism
 def test_infeasible_gpu_request_fails_fast(ray_runtime, tiny_organism):
     """On a GPU-less Ray, a run asking for CUDA fails with a clear error instead of hanging."""
     with pytest.raises(Exception, match="(?i)gpu|unschedulable|infeasible"):
-        _run(sequential_flow, RunConfig(algorithm="memit", n=2, batch_size=2, device="cuda", **TINY))
+        _run(sequential_flow, RunConfig(algorithm="memit", model=str(tiny_organism), n=2, batch_size=2, device="cuda",
+                                           **TINY))
 
 
 
@@ -144,15 +147,15 @@ def test_experts_flow_trains_scen_batch_after_batch(ray_runtime, tiny_organism):
     batch keeps the first batch's experts bit for bit; routing is recorded beside the usual metrics."""
     import torch
 
-    from engramflow.ledger import get_version, load_bank
+    from engramflow.ledger import get_version, load_artifact
 
-    store = Store()
-    cfg = RunConfig(algorithm="scen", n=6, batch_size=3, **TINY)
+    store = default_store()
+    cfg = RunConfig(algorithm="scen", model=str(tiny_organism), n=6, batch_size=3, **TINY)
     run_id = _run(experts_flow, cfg)
     versions = committed_batches(store, run_id)
     assert sorted(versions) == [0, 1]
-    first = load_bank(store, get_version(store, versions[0]).bank_key)
-    second = load_bank(store, get_version(store, versions[1]).bank_key)
+    first = load_artifact(store, get_version(store, versions[0]).state_key)
+    second = load_artifact(store, get_version(store, versions[1]).state_key)
     assert len(first) == 3 and len(second) == 6 and second.ids[:3] == first.ids
     assert torch.equal(second.a[:3], first.a) and torch.equal(second.b[:3], first.b)
     con = store.connect()
@@ -164,16 +167,14 @@ def test_experts_flow_trains_scen_batch_after_batch(ray_runtime, tiny_organism):
                      "and step = 1").fetchone()[0]
     assert routing >= 0.8 and es >= 0.8
     # reverting one fact removes exactly its expert: its prompt falls back to the base weights
-    from engramflow.editors.metrics import fill_prompt
     from engramflow.editors.scen import route
-    from engramflow.ledger import fetch_requests, materialize
-    from engramflow.report import revert_edit
+    from engramflow.ledger import fetch_requests, materialize, revert_edit
 
     edit = con.execute(f"select edit_id, request_id from edits where run_id = '{run_id}' and batch_index = 0 "
                        "limit 1").fetchone()
     reverted = revert_edit(store, edit[0])
     model, tok = materialize(store, reverted.version)
     requests = fetch_requests(store, second.ids)
-    routes = route(model, tok, [fill_prompt(r) for r in requests])
+    routes = route(model, tok, [r.prompt for r in requests])
     assert routes[second.ids.index(edit[1])] is None
-    assert len(load_bank(store, reverted.version.bank_key)) == 5
+    assert len(load_artifact(store, reverted.version.state_key)) == 5

@@ -24,14 +24,15 @@ from engramflow.ledger import (
     batch_version_id,
     ensure_base_version,
     get_version,
-    load_delta,
+    load_artifact,
     materialize,
     record_version,
-    save_delta,
+    revert_edit,
+    save_artifact,
     write_edit_rows,
 )
 from engramflow.models import load_model
-from engramflow.report import compare_report, revert_edit, subject_history, write_report
+from engramflow.report import compare_report, subject_history, write_report
 from engramflow.storage import Store
 from engramflow.storage.queries import collapse_step, degradation, edit_row
 from engramflow.tasks.evaluate import score_version, unedited_weights
@@ -80,7 +81,7 @@ def _requests() -> tuple[list[dict], list[dict]]:
 def _evaluate(store: Store, run_id: str, version: Version, step: int, edited: list[dict], probes: list[dict]) -> None:
     """What the evaluation stage does for one version: score it against the base, append the rows."""
     model, tok = materialize(store, version)
-    originals = unedited_weights(model, [load_delta(store, key) for key in version.delta_keys])
+    originals = unedited_weights(model, [load_artifact(store, key) for key in version.delta_keys])
     rows = score_version(model, tok, originals, edited, probes, HELD_OUT)
     for row in rows:
         row.update(run_id=run_id, model_version=version.version_id, step=step)
@@ -103,9 +104,9 @@ def _sequential_run(store: Store, base: Version, algorithm: str, requests: list[
         batch = requests[index * batch_size: (index + 1) * batch_size]
         model, tok = materialize(store, parent)
         delta = editors.edit(model, tok, batch, method=algorithm, hparams=hparams, stats=stats)
-        parent = record_version(store, batch_version_id(run_id, index), parent, [save_delta(store, delta)], run_id,
-                                note=f"{algorithm} batch {index}")
-        write_edit_rows(store, run_id, index, parent)
+        parent = record_version(store, batch_version_id(run_id, index), parent, delta, save_artifact(store, delta),
+                                run_id, note=f"{algorithm} batch {index}")
+        write_edit_rows(store, run_id, index, parent, seconds=None)
         _evaluate(store, run_id, parent, index, requests[: (index + 1) * batch_size], probes)
     return run_id
 
@@ -242,7 +243,7 @@ def test_revert_removes_exactly_the_delta_of_the_edits_batch(ledger: Ledger) -> 
     expected, _ = load_model(ledger.base.base_model)
     adapter = adapter_for(expected)
     for key in kept:
-        delta = load_delta(store, key)
+        delta = load_artifact(store, key)
         for layer in delta.layers:
             adapter.add_to_down_weight(expected, layer, delta.matrix(layer))
     for (name, w), w_expected in zip(reverted.state_dict().items(), expected.state_dict().values(), strict=True):

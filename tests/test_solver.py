@@ -136,3 +136,55 @@ def test_shape_mismatch_names_the_layer() -> None:
 def test_empty_null_space_is_an_error_not_a_silent_no_op() -> None:
     with pytest.raises(SolverError, match="layer 4: no eigenvalue"):
         null_space_projector(torch.eye(D_IN, dtype=torch.float64), threshold=2e-2, layer=4)
+
+
+def test_emmet_lambda_leaves_a_single_edit_exact_as_rome() -> None:
+    """The reference EMMET adds λ only to batches of more than one key: at batch 1, EMMET with any λ
+    and weight is ROME's update."""
+    W0, C, K, R, _ = problem(1)
+    Cinv_k = torch.linalg.solve(C, K)
+    rome = R @ Cinv_k.T / (K.T @ Cinv_k)
+    for lam, weight in ((0.1, 1000.0), (0.1, 2500.0), (1.0, 1.0)):
+        U, Vf = solve(W0, C, K, R, "equality", emmet_lambda=lam, mom2_weight=weight)
+        assert float((U @ Vf.T - rome).norm() / rome.norm()) < 1e-6
+
+
+def test_rome_writes_exactly_the_residual_at_the_bare_prompt_key() -> None:
+    """Direction from the prefix-averaged key, denominator from the bare prompt's key: the bare prompt
+    gets exactly its residual, the averaged key only in proportion."""
+    W0, C, K_avg, R, _ = problem(1)
+    K_bare = K_avg + 0.3 * torch.randn(D_IN, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    U, Vf = solve(W0, C, K_avg, R, "equality", K_exact=K_bare)
+    D = U @ Vf.T
+    assert float(((D @ K_bare) - R).norm() / R.norm()) < 1e-5
+    assert float(((D @ K_avg) - R).norm() / R.norm()) > 1e-2  # a different key gets a different share
+    Cinv_k = torch.linalg.solve(C, K_avg)
+    torch.testing.assert_close(Vf, Cinv_k)  # the direction is C⁻¹ k_avg
+
+
+def test_alphaedit_with_earlier_keys_is_the_reference_and_a_one_shot_solve() -> None:
+    """AlphaEdit's sequential update with K_p (the earlier batches' keys) equals the reference's
+    ΔW = solve(P (K Kᵀ + K_p K_pᵀ) + L2 I, P K Rᵀ)ᵀ, and a one-shot solve with those keys appended at zero residual."""
+    W0, _, K, R, _ = problem(3)
+    K_p = torch.randn(D_IN, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    C = low_rank_C(8)
+    P = null_space_projector(C, threshold=2e-2)
+    U, Vf = solve(W0, C, K, R, "least_squares", mom2_weight=10.0, projector=P, preserved=K_p)
+    eye = torch.eye(D_IN, dtype=torch.float64)
+    reference = torch.linalg.solve(P @ (K @ K.T + K_p @ K_p.T) + 10.0 * eye, P @ K @ R.T).T
+    torch.testing.assert_close(U @ Vf.T, reference, rtol=1e-9, atol=1e-11)
+    zero = torch.zeros(D_OUT, K_p.shape[1], dtype=torch.float64)
+    U1, V1 = solve(W0, C, torch.cat([K, K_p], 1), torch.cat([R, zero], 1), "least_squares", mom2_weight=10.0,
+                   projector=P)
+    torch.testing.assert_close(U @ Vf.T, U1 @ V1.T, rtol=1e-9, atol=1e-11)
+    # and the earlier keys barely move: far less than without K_p
+    without = solve(W0, C, K, R, "least_squares", mom2_weight=10.0, projector=P)
+    assert (U @ Vf.T @ K_p).norm() < (without[0] @ without[1].T @ K_p).norm()
+
+
+def test_inputs_on_other_devices_or_dtypes_are_brought_to_the_keys() -> None:
+    """C in float32 and a projector in float32 (as loaded) still solve in float64 on K's device."""
+    W0, C, K, R, _ = problem(2)
+    P = null_space_projector(low_rank_C(8), threshold=2e-2)
+    U, Vf = solve(W0.float(), C.float(), K, R.float(), "least_squares", mom2_weight=10.0, projector=P.float())
+    assert U.dtype == Vf.dtype == torch.float64 and U.device == K.device

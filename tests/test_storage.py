@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from engramflow.ledger import default_store
 from engramflow.storage import SCHEMAS, ReadOnlyError, SchemaError, Store
 from engramflow.storage.store import _content_key, _split_safetensors
 
@@ -271,6 +272,6 @@ def test_fsspec_root(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_default_root_follows_the_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ENGRAMFLOW_STORE", str(tmp_path / "elsewhere"))
-    store = Store()
+    store = default_store()
     store.append("edits", [_edit(0)])
     assert (tmp_path / "elsewhere" / "tables" / "edits").is_dir()

@@ -25,15 +25,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build the organism, ingest the world, edit N facts with each algorithm, report."""
         from rich.console import Console
-        from rich.table import Table
 
         from engramflow import home
         from engramflow.data.ingest import ingest_file
-        from engramflow.flows.sequential import RunConfig, sequential_flow
+        from engramflow.flows.config import RunConfig
+        from engramflow.flows.sequential import sequential_flow
+        from engramflow.ledger import default_store
         from engramflow.organism import build_organism, organism_report
-        from engramflow.report import compare_report, load_run, summary, write_report
+        from engramflow.report import compare_report, load_run, summary, summary_table, write_report
         from engramflow.runtime import pipeline_runtime, task_runner
-        from engramflow.storage import Store
 
         console = Console()
         started = time.perf_counter()
@@ -55,27 +55,16 @@ def register(app: typer.Typer) -> None:
         run_ids = []
         with pipeline_runtime():
             for algorithm in algorithms.split(","):
-                cfg = RunConfig(algorithm=algorithm, model="organism-tiny" if tiny else "organism", dataset=world,
+                cfg = RunConfig(algorithm=algorithm, model=str(model_dir), dataset=world,
                                 format="world", corpus=world, n=n, batch_size=batch_size, layers=layers)
                 console.print(f"[bold]{algorithm}[/]: {n} facts in batches of {batch_size}")
                 run_ids.append(sequential_flow.with_options(task_runner=task_runner())(cfg))
 
         console.rule("4. report")
-        store = Store()
+        store = default_store()
         out = home.get_home() / "reports" / "demo"
         report = compare_report(store, run_ids, out) if len(run_ids) > 1 else write_report(store, run_ids[0], out)
-        table = Table(title=f"{n} sequential edits, batches of {batch_size}")
-        for column in ("algorithm", "run", "ES", "PS", "NS", "probe top-1 (unedited)", "perplexity (unedited)"):
-            table.add_column(column)
-        for run_id in run_ids:
-            s = summary(load_run(store, run_id))
-            table.add_row(s["algorithm"], run_id, *(_f(s.get(k)) for k in ("es", "ps", "ns")),
-                          f"{_f(s.get('probe_top1'))} ({_f(s.get('probe_top1_unedited'))})",
-                          f"{_f(s.get('perplexity'))} ({_f(s.get('perplexity_unedited'))})")
-        console.print(table)
+        summaries = [summary(load_run(store, run_id)) for run_id in run_ids]
+        console.print(summary_table(summaries, title=f"{n} sequential edits, batches of {batch_size}"))
         console.print(f"report: {report}")
         console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
-
-
-def _f(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"

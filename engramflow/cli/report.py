@@ -29,20 +29,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write PNG plots and a markdown summary of a run (or overlay several runs)."""
         from rich.console import Console
-        from rich.table import Table
 
         from engramflow.home import get_home
-        from engramflow.report import (
-            COMPARE_HEADER,
-            compare_report,
-            compare_row,
-            load_run,
-            summary,
-            write_report,
-        )
-        from engramflow.storage import Store
+        from engramflow.ledger import default_store
+        from engramflow.report import compare_report, load_run, summary, summary_table, write_report
 
-        store = Store()
+        store = default_store()
         unique = list(dict.fromkeys(runs))
         name = unique[0] if len(unique) == 1 else "compare-" + "-".join(unique)
         target = out or get_home() / "reports" / name
@@ -52,12 +44,7 @@ def register(app: typer.Typer) -> None:
         except KeyError as err:
             raise _error(_message(err)) from None
         console = Console()
-        table = Table(title="final numbers (probe top-1 and perplexity: unedited → final)")
-        for i, column in enumerate(COMPARE_HEADER):
-            table.add_column(column, justify="left" if i < 2 else "right")
-        for s in summaries:
-            table.add_row(*compare_row(s))
-        console.print(table)
+        console.print(summary_table(summaries, title="final numbers"))
         console.print(f"report: {path}", highlight=False, soft_wrap=True)
 
     @app.command("history")
@@ -69,10 +56,10 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
+        from engramflow.ledger import default_store
         from engramflow.report import fmt, subject_history
-        from engramflow.storage import Store
 
-        rows = subject_history(Store(), subject, contains)
+        rows = subject_history(default_store(), subject, contains)
         console = Console()
         if not rows:
             console.print(f"no edits touched a subject {'containing' if contains else 'named'} {subject!r}")
@@ -102,16 +89,15 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from engramflow.report import revert_edit
-        from engramflow.storage import Store
+        from engramflow.ledger import default_store, revert_edit
 
         try:
-            result = revert_edit(Store(), edit_id, run)
+            result = revert_edit(default_store(), edit_id, run)
         except (KeyError, ValueError) as err:
             raise _error(_message(err)) from None
         console = Console()
         console.print(f"new version [bold]{result.version.version_id}[/bold] = {result.parent.version_id} "
-                      f"without delta {result.removed_key[:12]}… ({len(result.version.delta_keys)} deltas remain)",
+                      f"without edit {result.edit['edit_id']} (artifact {result.removed_key[:12]}…)",
                       highlight=False)
         if result.also_removed:
             table = Table("edit", "batch", "subject", "prompt", "true → new",

@@ -1,4 +1,4 @@
-"""`engramflow edit` and `engramflow run edit|sequential`: editing runs through the pipeline
+"""`engramflow edit` and `engramflow run edit|sequential|experts`: editing runs through the pipeline
 (Prefect flow, stages as Ray tasks), recorded in the store, summarised on the terminal.
 
 Running the same command again resumes the same run (its id is a hash of the options)."""
@@ -31,66 +31,52 @@ def _hparams(value: str | None) -> dict:
 
 def execute(flow_name: str, cfg, ray_address: str | None, run_id: str | None = None) -> str:
     """Run a flow on the pipeline runtime and print its summary; returns the run id."""
-    from engramflow.flows.sequential import edit_flow, experts_flow, sequential_flow
+    from rich.console import Console
+
+    from engramflow.flows.edit import edit_flow
+    from engramflow.flows.experts import experts_flow
+    from engramflow.flows.sequential import sequential_flow
+    from engramflow.ledger import default_store
+    from engramflow.report import load_run, summary, summary_table
     from engramflow.runtime import pipeline_runtime, task_runner
 
     flow = {"edit": edit_flow, "sequential": sequential_flow, "experts": experts_flow}[flow_name]
     with pipeline_runtime(ray_address=ray_address):
         run_id = flow.with_options(task_runner=task_runner())(cfg, run_id=run_id)
-    print_summary(run_id)
+    store = default_store()
+    Console().print(summary_table([summary(load_run(store, run_id))], title=f"run {run_id}"))
     return run_id
 
 
-def print_summary(run_id: str) -> None:
-    """The run's metrics at its last step beside the unedited model's."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from engramflow.storage import Store
-    from engramflow.storage.queries import degradation, drift
-
-    store = Store()
-    cf = degradation(store, run_id).to_pylist()
-    dr = drift(store, run_id).to_pylist()
-    last = max((r["step"] for r in cf), default=None)
-    table = Table(title=f"run {run_id}")
-    table.add_column("metric")
-    table.add_column("unedited", justify="right")
-    table.add_column(f"after batch {last}", justify="right")
-    for r in cf:
-        if r["step"] == last and r["metric"] in ("es", "ps", "ns", "em", "pm", "nm"):
-            table.add_row(f"{r['metric'].upper()} (n={r['n']})", "", f"{r['value']:.3f}")
-    for metric in ("probe_top1", "perplexity", "ge"):
-        before = next((r["value"] for r in dr if r["metric"] == metric and r["step"] == -1), None)
-        after = next((r["value"] for r in dr if r["metric"] == metric and r["step"] == last), None)
-        if after is not None:
-            table.add_row(metric, f"{before:.3f}" if before is not None else "", f"{after:.3f}")
-    Console().print(table)
-
-
 def _options(
-    algorithm: str = typer.Option(..., "--algorithm", "-a", help="rome | memit | emmet | alphaedit | ft | scen"),
+    algorithm: str = typer.Option(..., "--algorithm", "-a", help="A registered method: rome, memit, emmet, "
+                                  "alphaedit, ft, scen, ..."),
     model: str = typer.Option("organism", help="Hugging Face model dir/id, or 'organism' (embedded)."),
     dataset: str = typer.Option("world", help="Dataset file, or 'world' (the embedded fact world)."),
     format: str = typer.Option("world", "--format", "-f", help="Ingest format of --dataset."),
     n: int = typer.Option(50, help="Number of requests to edit (distinct subjects)."),
     batch_size: int | None = typer.Option(None, help="Requests per batch (default: all n at once)."),
     layers: str = typer.Option("preset", help="'preset', 'auto' (causal tracing) or e.g. '0,1'."),
+    window: int = typer.Option(1, help="With --layers auto: how many layers end at the traced peak."),
     hparams: str | None = typer.Option(None, help="Overrides: JSON object or YAML file."),
     corpus: str | None = typer.Option(None, help="Covariance/perplexity corpus (default: the world's)."),
     n_probes: int = typer.Option(100, help="Unrelated facts probed after every batch."),
+    eval: str | None = typer.Option(None, "--eval", help="Evaluation protocols, comma-separated (default: the "
+                                    "format's and the method's)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="cpu or cuda (stages then request GPUs from Ray)."),
     ray_address: str | None = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster; default local."),
-    target_shards: int = typer.Option(1, min=1, help="Parallel tasks a batch's target optimisation is split "
-                                      "into (memit, emmet, alphaedit): one core or GPU each."),
+    shards: int | None = typer.Option(None, min=1, help="Parallel tasks a batch's per-request work (targets, "
+                                      "experts) is split into, one core or GPU each (default: the method's)."),
     run_id: str | None = typer.Option(None, help="Explicit run id (default: derived from the options)."),
 ):
-    from engramflow.flows.sequential import RunConfig
+    from engramflow.flows.config import RunConfig
+    from engramflow.models import resolve_model
 
-    cfg = RunConfig(algorithm=algorithm, model=model, dataset=dataset, format=format, n=n,
-                    batch_size=batch_size or n, hparams=_hparams(hparams), layers=layers, corpus=corpus,
-                    n_probes=n_probes, seed=seed, device=device, target_shards=target_shards)
+    cfg = RunConfig(algorithm=algorithm, model=resolve_model(model), dataset=dataset, format=format, n=n,
+                    batch_size=batch_size or n, hparams=_hparams(hparams), layers=layers, window=window,
+                    corpus=corpus, n_probes=n_probes, protocols=eval.split(",") if eval else None, seed=seed,
+                    device=device, shards=shards)
     return cfg, ray_address, run_id
 
 
@@ -111,20 +97,20 @@ def register(app: typer.Typer) -> None:
         execute("sequential", cfg, ray_address, run_id)
 
     def run_experts(**kwargs) -> None:
-        """experts_flow (SCEN): experts as parallel Ray tasks, then indexing neurons, then evaluation."""
-        kwargs["algorithm"] = "scen"
+        """experts_flow: expert training (SCEN by default) as parallel Ray tasks, then indexing neurons,
+        then evaluation."""
         cfg, ray_address, run_id = _options(**kwargs)
         execute("experts", cfg, ray_address, run_id)
 
     # The commands take the same options: typer reads them from `_options`'s signature.
     for fn in (edit, run_edit, run_sequential):
         fn.__signature__ = inspect.signature(_options)
-    experts_signature = inspect.signature(_options)
-    run_experts.__signature__ = experts_signature.replace(
-        parameters=[p for p in experts_signature.parameters.values() if p.name != "algorithm"])
+    signature = inspect.signature(_options)
+    run_experts.__signature__ = signature.replace(parameters=[
+        p.replace(default=typer.Option("scen", "--algorithm", "-a", help="An expert method (default scen)."))
+        if p.name == "algorithm" else p for p in signature.parameters.values()])
     app.command("edit")(edit)
     run_app.command("edit")(run_edit)
     run_app.command("sequential")(run_sequential)
     run_app.command("experts")(run_experts)
     app.add_typer(run_app, name="run")
-

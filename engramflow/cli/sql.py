@@ -17,11 +17,12 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from engramflow.storage.store import ReadOnlyError, Store
+        from engramflow.ledger import default_store
+        from engramflow.storage.store import ReadOnlyError
 
         console = Console()
         try:
-            result = Store().sql(query)
+            result = default_store().sql(query)
         except (ReadOnlyError, duckdb.Error) as e:
             console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(1) from None

@@ -23,7 +23,6 @@ from engramflow.editors.requests import fill_prompt, request_id
 
 if TYPE_CHECKING:
     from engramflow.storage.store import Store
-
 # Sanity limits: far above anything in the public benchmarks (longest text there: 319 characters).
 MAX_PROMPT_CHARS = 2000
 MAX_SHORT_CHARS = 500  # subject, targets, relation, case id
@@ -567,9 +566,10 @@ def ingest_file(path: str | os.PathLike[str], fmt: str, store: Store | None = No
     """
     import pyarrow.dataset as ds
 
+    from engramflow import home
     from engramflow.storage.store import Store
 
-    store = store or Store()
+    store = store or Store(home.store_root())
     requests, rejects, duplicates = _load(path, fmt)
     stored = set(store.read("requests", columns=["request_id"]).column("request_id").to_pylist())
     new = [r for r in requests if r["request_id"] not in stored]

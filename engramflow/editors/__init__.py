@@ -52,20 +52,22 @@ def __getattr__(name: str) -> Any:
 def edit(
     model: nn.Module, tok: Any, requests: Sequence[Mapping[str, Any]], method: str = "memit",
     hparams: Any = None, stats: Stats = None, *, cache: RequestCache | None = None,
-    state: Artifact | None = None, stats_cache_dir: str | Path | None = None,
+    state: Artifact | None = None, history: Sequence[Artifact] = (), stats_cache_dir: str | Path | None = None,
 ) -> Artifact:
     """Edit `requests` (mappings with prompt, subject, target_new) into an artifact; the model is left
     exactly as it was. `hparams`: None for the model's preset, a preset model name, a mapping of
     overrides, or resolved settings. `stats`: per-layer SecondMoment (or C) or a corpus (path or list
     of texts) to compute them from, cached in `stats_cache_dir`, for methods that need statistics.
     `cache`: per-request results (targets, experts) are read from and written to it. `state`: the
-    previous artifact of a method whose artifacts replace each other (SCEN's bank), to continue it."""
+    previous artifact of a method whose artifacts replace each other (SCEN's bank), to continue it.
+    `history`: the stacked artifacts already applied to `model`, oldest first (AlphaEdit keeps the keys
+    of its earlier edits)."""
     from engramflow.editors.methods import get_method
     from engramflow.editors.requests import as_requests
 
     m = get_method(method)
     hp = m.hparams(model, hparams)
-    return m.edit(model, tok, as_requests(requests), hp, stats=stats, cache=cache, state=state,
+    return m.edit(model, tok, as_requests(requests), hp, stats=stats, cache=cache, state=state, history=history,
                   stats_cache_dir=stats_cache_dir)
 
 

@@ -36,6 +36,7 @@ class Artifact(ABC):
     stacks: ClassVar[bool]
     types: ClassVar[dict[str, type[Artifact]]] = {}
     request_ids: list[str]  # the requests this artifact edits in, in edit order
+    method_name: str  # the method that produced it
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -50,6 +51,10 @@ class Artifact(ABC):
     def revert(self, model: nn.Module) -> None:
         """Undo `apply` exactly."""
 
+    def merge(self, model: nn.Module) -> None:
+        """Apply for good, keeping nothing for a revert (how a model version is materialised)."""
+        self.apply(model)
+
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[nn.Module]:
         """`with artifact.applied(model):` the edited model inside, the original after."""
@@ -63,6 +68,11 @@ class Artifact(ABC):
         """This artifact minus some requests, or None when they cannot be taken out alone (a delta is
         one solve over its whole batch, so only the whole of it can go)."""
         return None
+
+    @abstractmethod
+    def edit_records(self, request_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """What the ledger records per request: `layers` it changed and `norm` (Frobenius) of the change
+        that carries it; artifacts with one expert per request add `expert` (True), `rank`, `bytes`."""
 
     def check_finite(self) -> None:
         """Raise ArtifactError naming the tensor when any entry is NaN or infinite."""

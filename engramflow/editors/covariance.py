@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,19 @@ def iter_texts(corpus: Corpus) -> Iterator[str]:
                 yield text.strip()
 
 
+def excluding(texts: Iterable[str], subjects: Iterable[str]) -> Iterator[str]:
+    """The texts that mention none of `subjects` (exact substrings): preservation statistics without
+    what is said about the subjects being edited, whose keys the edit must be free to move."""
+    names = sorted({s for s in subjects if s}, key=len, reverse=True)
+    if not names:
+        yield from texts
+        return
+    pattern = re.compile("|".join(map(re.escape, names)))
+    for text in texts:
+        if not pattern.search(text):
+            yield text
+
+
 def shard_texts(corpus: Corpus, n_shards: int) -> list[list[str]]:
     """Round-robin split of a corpus into `n_shards` lists of texts (so shards are of similar size)."""
     shards: list[list[str]] = [[] for _ in range(n_shards)]
@@ -65,11 +79,11 @@ def shard_texts(corpus: Corpus, n_shards: int) -> list[list[str]]:
 @torch.no_grad()
 def partial_stats(
     model: nn.Module, tok, layers: int | Sequence[int], texts: Iterable[str], *,
-    max_tokens: int | None = None, seq_len: int = 128, batch_size: int = 32,
+    max_tokens: int | None = None, max_samples: int | None = None, seq_len: int = 128, batch_size: int = 32,
 ) -> dict[int, SecondMoment]:
     """Σ k kᵀ and n at each layer over `texts` (each truncated to `seq_len` tokens, padding not
-    counted), stopping after `max_tokens` keys; all layers in one forward pass, cut after the
-    highest layer."""
+    counted), stopping after `max_tokens` keys or `max_samples` texts (the references' unit); all layers
+    in one forward pass, cut after the highest layer."""
     layers = [layers] if isinstance(layers, int) else list(layers)
     device = next(model.parameters()).device
     d_mlp = None
@@ -98,7 +112,9 @@ def partial_stats(
         batch.clear()
 
     with eval_mode(model), capture_mlp_inputs(model, layers) as seen:
-        for text in texts:
+        for i, text in enumerate(texts):
+            if max_samples is not None and i >= max_samples:
+                break
             ids = tok(text, truncation=True, max_length=seq_len)["input_ids"]
             if ids:
                 batch.append(ids)
@@ -148,17 +164,21 @@ def corpus_id(corpus: Corpus) -> str:
 
 def layer_stats(
     model: nn.Module, tok, layers: Sequence[int], corpus: Corpus, *, max_tokens: int | None = None,
-    cache_dir: str | Path | None = None, seq_len: int = 128, batch_size: int = 32,
+    max_samples: int | None = None, exclude: Sequence[str] = (), cache_dir: str | Path | None = None,
+    seq_len: int = 128, batch_size: int = 32,
 ) -> dict[int, SecondMoment]:
-    """Second moments at `layers` over `corpus`, read from / written to `cache_dir` (one
-    safetensors file per layer, keyed by model fingerprint, layer, corpus, max_tokens, seq_len, dtype)."""
+    """Second moments at `layers` over `corpus` (without the texts that mention any of `exclude`),
+    read from / written to `cache_dir` (one safetensors file per layer, keyed by everything above)."""
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     fp, cid = model_fingerprint(model), corpus_id(corpus)
+    limit = f"n{max_tokens}" + ("" if max_samples is None else f"-t{max_samples}")
+    if exclude:
+        limit += "-x" + hashlib.sha256(json.dumps(sorted(set(exclude))).encode()).hexdigest()[:12]
 
     def path_for(layer: int) -> Path | None:
         if cache_dir is None:
             return None
-        return Path(cache_dir) / f"mom2-{fp}-L{layer}-{cid}-n{max_tokens}-s{seq_len}-{dtype}.safetensors"
+        return Path(cache_dir) / f"mom2-{fp}-L{layer}-{cid}-{limit}-s{seq_len}-{dtype}.safetensors"
 
     out: dict[int, SecondMoment] = {}
     for layer in layers:
@@ -168,8 +188,8 @@ def layer_stats(
             out[layer] = SecondMoment(t["sum_kk"], int(t["n"].item()))
     missing = [layer for layer in layers if layer not in out]
     if missing:
-        computed = partial_stats(model, tok, missing, iter_texts(corpus), max_tokens=max_tokens,
-                                 seq_len=seq_len, batch_size=batch_size)
+        computed = partial_stats(model, tok, missing, excluding(iter_texts(corpus), exclude), max_tokens=max_tokens,
+                                 max_samples=max_samples, seq_len=seq_len, batch_size=batch_size)
         for layer, s in computed.items():
             out[layer] = s
             path = path_for(layer)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -41,12 +41,24 @@ class Delta(Artifact):
     algorithm: str = ""
     request_ids: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    # The edit keys per layer ([d_in, n]), kept by methods whose later edits must preserve these
+    # (AlphaEdit's K_p); empty otherwise.
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
     # id(weight tensor) -> (original weight, digest of the weight after applying)
     _applied: dict[int, tuple[torch.Tensor, str]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def layers(self) -> list[int]:
         return sorted(self.factors)
+
+    @property
+    def method_name(self) -> str:
+        return self.algorithm
+
+    def edit_records(self, request_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """One delta carries its whole batch: every request shares its layers and its norm."""
+        norm = sum(v * v for v in self.frobenius_norms().values()) ** 0.5
+        return {rid: {"layers": self.layers, "norm": norm} for rid in request_ids}
 
     def add_factors(self, layer: int, U: torch.Tensor, V: torch.Tensor) -> None:
         """ΔW[layer] += U Vᵀ, by concatenating factors (ranks add)."""
@@ -82,6 +94,13 @@ class Delta(Artifact):
             original = weight.detach().clone()
             adapter.add_to_down_weight(model, layer, self.matrix(layer))
             self._applied[id(weight)] = (original, _digest(weight))
+
+    @torch.no_grad()
+    def merge(self, model: nn.Module) -> None:
+        """W += U Vᵀ for good: no copy of the original weights is kept (a version may stack many deltas)."""
+        adapter = adapter_for(model)
+        for layer in self.layers:
+            adapter.add_to_down_weight(model, layer, self.matrix(layer))
 
     @torch.no_grad()
     def revert(self, model: nn.Module) -> None:
@@ -128,6 +147,8 @@ class Delta(Artifact):
         for layer, (U, V) in self.factors.items():
             tensors[f"layer.{layer}.U"] = U.detach().contiguous().cpu()
             tensors[f"layer.{layer}.V"] = V.detach().contiguous().cpu()
+        for layer, K in self.keys.items():
+            tensors[f"layer.{layer}.K"] = K.detach().contiguous().cpu()
         header = {
             "algorithm": self.algorithm,
             "layers": json.dumps(self.layers),
@@ -139,7 +160,8 @@ class Delta(Artifact):
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], header: Mapping[str, str]) -> Delta:
-        factors = {layer: (tensors[f"layer.{layer}.U"], tensors[f"layer.{layer}.V"])
-                   for layer in json.loads(header["layers"])}
+        layers = json.loads(header["layers"])
+        factors = {layer: (tensors[f"layer.{layer}.U"], tensors[f"layer.{layer}.V"]) for layer in layers}
+        keys = {layer: tensors[f"layer.{layer}.K"] for layer in layers if f"layer.{layer}.K" in tensors}
         return cls(factors, algorithm=header["algorithm"], request_ids=json.loads(header["request_ids"]),
-                   meta=json.loads(header["meta"]))
+                   meta=json.loads(header["meta"]), keys=keys)

@@ -35,7 +35,12 @@ class Hparams:
     emmet_lambda: float = 0.1
     nullspace_threshold: float = 2e-2
     alphaedit_l2: float = 10.0  # AlphaEdit's ridge on the projected update
-    mom2_n_tokens: int | None = 100_000  # keys for covariance statistics when computed from a corpus
+    # Preservation statistics: how many keys, counted in tokens (this project's unit) or in texts (the
+    # references' mom2_n_samples; a preset sets one of the two), and whether texts that mention a subject
+    # being edited are left out (so the preserved subspace does not hold the keys the edit must move).
+    mom2_n_tokens: int | None = 100_000
+    mom2_n_samples: int | None = None
+    mom2_exclude_edited: bool = False
     # fine-tuning (ft)
     ft_lr: float = 5e-4
     ft_steps: int = 25

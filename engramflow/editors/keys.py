@@ -62,6 +62,17 @@ def _sample_prefixes(model: nn.Module, tok, spec: Sequence[Sequence[int]], seed:
     return prefixes
 
 
+def prefix_weights(spec: Sequence[Sequence[int]], grouped: bool) -> list[float]:
+    """How much each of `context_prefixes(spec)` counts in a key: `grouped` averages within the groups
+    (the bare prompt, then each (length, count) of `spec`) and then across them, as MEMIT's reference
+    computes keys (the bare prompt 1/2 and each of five prefixes 1/10 with spec [[5, 5]]); otherwise a
+    plain mean over all, as ROME's reference computes its key."""
+    sizes = [1, *(int(count) for _, count in spec)]
+    if not grouped:
+        return [1.0 / sum(sizes)] * sum(sizes)
+    return [1.0 / (len(sizes) * size) for size in sizes for _ in range(size)]
+
+
 # --- tokenisation ------------------------------------------------------------------------------
 def encode(tok, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and character spans of `text` (needs a fast tokenizer)."""
@@ -190,20 +201,26 @@ def run_until_stop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> N
 @torch.no_grad()
 def compute_keys(
     model: nn.Module, tok, requests: Sequence[Request], layers: Sequence[int], prefixes: Sequence[str],
-    fact_token: str = "subject_last", batch_size: int = 64,
+    fact_token: str = "subject_last", batch_size: int = 64, weights: Sequence[float] | None = None,
 ) -> dict[int, torch.Tensor]:
     """K per layer as [d_mlp, n_requests] (float32): the MLP down-projection's input at the fact
-    token, averaged over `prefixes` + prompt. All layers are read in one forward pass per batch."""
+    token of each `prefix + prompt`, averaged with `weights` (one per prefix; default equal, see
+    `prefix_weights`). All layers are read in one forward pass per batch."""
+    if weights is None:
+        weights = [1.0 / len(prefixes)] * len(prefixes)
+    if len(weights) != len(prefixes):
+        raise ValueError(f"{len(weights)} key weights for {len(prefixes)} prefixes")
     device = next(model.parameters()).device
-    texts, positions, owner = [], [], []
+    texts, positions, owner, scale = [], [], [], []
     for r_i, req in enumerate(requests):
-        for prefix in prefixes:
+        for prefix, weight in zip(prefixes, weights, strict=True):
             text = prefix + req.prompt
             ids, offsets = encode(tok, text)
             s, e = subject_span(req.prompt, req.subject, len(prefix))
             texts.append(ids)
             positions.append(fact_position(offsets, len(ids), s, e, fact_token))
             owner.append(r_i)
+            scale.append(weight)
     rows_per_layer: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     with eval_mode(model), capture_mlp_inputs(model, layers) as seen:
         for b in range(0, len(texts), batch_size):
@@ -214,10 +231,11 @@ def compute_keys(
             for layer in layers:
                 rows_per_layer[layer].append(seen[layer][rows, pos].float())  # [batch, d_mlp]
     owner_t = torch.tensor(owner, device=device)
+    scale_t = torch.tensor(scale, device=device)[:, None]
     keys = {}
     for layer in layers:
         k = torch.cat(rows_per_layer[layer])
         total = torch.zeros(len(requests), k.shape[1], device=device)
-        total.index_add_(0, owner_t, k)
-        keys[layer] = (total / len(prefixes)).T.contiguous()
+        total.index_add_(0, owner_t, k * scale_t)
+        keys[layer] = total.T.contiguous()
     return keys

@@ -3,12 +3,19 @@ null-space projection. Notation as in REFERENCE.md; W is [d_out, d_in] (nn.Linea
 
     equality      (ROME, EMMET):  Δ = R (Kᵀ C⁻¹ K + λ I)⁻¹ Kᵀ C⁻¹      U = R (Kᵀ C⁻¹ K + λ I)⁻¹,  V = C⁻¹ K
     least squares (MEMIT):        Δ = R Kᵀ (C + K Kᵀ)⁻¹                 U = R,                     V = (C + K Kᵀ)⁻¹ K
-    with C = mom2_weight · E[k₀ k₀ᵀ] and Δ = U Vᵀ.
+    with C = mom2_weight · E[k₀ k₀ᵀ] and Δ = U Vᵀ. EMMET's λ applies to batches of more than one key
+    (the reference adds it only there): a single edit is ROME's exact rank-one update.
+
+ROME takes its direction C⁻¹k from the prefix-averaged key but divides by the bare prompt's key, so the
+bare prompt gets exactly its residual: with `K_exact` (the keys at which the equality must hold),
+U = R (K_exactᵀ C⁻¹ K + λ I)⁻¹, and Δ K_exact = R.
 
 AlphaEdit: with a projector P onto the null space of the preserved keys, the update is Δ = D P, so
 it cannot move any preserved key. The projection then does the preserving, so K ← P K and C ← I
 (mom2_weight becomes AlphaEdit's L2 ridge); the least-squares form is then exactly AlphaEdit's
-Δ = R Kᵀ P (K Kᵀ P + L2 I)⁻¹.
+Δ = R Kᵀ P (K Kᵀ P + L2 I)⁻¹. `preserved` holds the keys of earlier edits that later ones must
+keep (AlphaEdit's K_p, [d_in, m]): solved as if appended to K with zero residual, which is the
+reference's Δᵀ = (P (K Kᵀ + K_p K_pᵀ) + L2 I)⁻¹ P K Rᵀ.
 """
 
 from __future__ import annotations
@@ -66,32 +73,57 @@ def solve(
     mom2_weight: float = 1.0,
     emmet_lambda: float = 0.0,
     projector: torch.Tensor | None = None,  # [d_in, d_in] AlphaEdit's P, or None
+    K_exact: torch.Tensor | None = None,  # [d_in, n] where the equality holds exactly (default K)
+    preserved: torch.Tensor | None = None,  # [d_in, m] earlier edits' keys to keep (least squares)
     layer: int | None = None,
     max_condition: float = 1e12,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The update Δ = U Vᵀ ([d_out, n] and [d_in, n], float64) for one layer."""
+    """The update Δ = U Vᵀ ([d_out, n] and [d_in, n], float64, on K's device) for one layer."""
     d_out, d_in = W0.shape
-    if K.shape[0] != d_in or R.shape != (d_out, K.shape[1]) or C.shape != (d_in, d_in):
+    n = K.shape[1]
+    if K.shape[0] != d_in or R.shape != (d_out, n) or C.shape != (d_in, d_in):
         raise SolverError(f"layer {layer}: shapes W0 {tuple(W0.shape)}, C {tuple(C.shape)}, K {tuple(K.shape)}, "
                           f"R {tuple(R.shape)} do not fit W0 [d_out, d_in], C [d_in, d_in], K [d_in, n], R [d_out, n]")
+    for name, t in (("K_exact", K_exact), ("preserved", preserved)):
+        if t is not None and t.shape[0] != d_in:
+            raise SolverError(f"layer {layer}: {name} {tuple(t.shape)} is not [d_in={d_in}, ...]")
+    # Every input on the keys' device, in float64: the one place where devices and dtypes meet.
+    device = K.device
+
+    def f64(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device=device, dtype=torch.float64)
+
+    C, K, R, projector, K_exact, preserved = map(f64, (C, K, R, projector, K_exact, preserved))
     _check_finite(layer, C=C, K=K, R=R)
-    K, R = K.double(), R.double()
-    n = K.shape[1]
+    eye = torch.eye(d_in, dtype=torch.float64, device=device)
     if projector is None:
-        C = mom2_weight * C.double()
+        C = mom2_weight * C
     else:
-        K = projector.double() @ K
-        C = mom2_weight * torch.eye(d_in, dtype=torch.float64, device=K.device)
+        K = projector @ K
+        K_exact = None if K_exact is None else projector @ K_exact
+        preserved = None if preserved is None else projector @ preserved
+        C = mom2_weight * eye
 
     if constraint == "equality":
+        if preserved is not None:
+            raise SolverError(f"layer {layer}: preserved keys are a least-squares term; the equality constraint "
+                              "preserves through C")
         Lc = _cholesky(C, "C", layer, max_condition)
         CinvK = torch.cholesky_solve(K, Lc)  # [d_in, n]
-        A = K.T @ CinvK + emmet_lambda * torch.eye(n, dtype=torch.float64, device=K.device)  # [n, n]
-        La = _cholesky(A, "Kᵀ C⁻¹ K + λI", layer, max_condition)
-        U = torch.cholesky_solve(R.T, La).T  # R A⁻¹ (A symmetric), [d_out, n]
+        lam = emmet_lambda if n > 1 else 0.0
+        if K_exact is None:
+            A = K.T @ CinvK + lam * torch.eye(n, dtype=torch.float64, device=device)  # [n, n], symmetric
+            La = _cholesky(A, "Kᵀ C⁻¹ K + λI", layer, max_condition)
+            U = torch.cholesky_solve(R.T, La).T  # R A⁻¹, [d_out, n]
+        else:
+            A = K_exact.T @ CinvK + lam * torch.eye(n, dtype=torch.float64, device=device)  # [n, n]
+            U = torch.linalg.solve(A.T, R.T).T  # R A⁻¹
         V = CinvK
     elif constraint == "least_squares":
-        L = _cholesky(C + K @ K.T, "C + K Kᵀ", layer, max_condition)
+        system = C + K @ K.T
+        if preserved is not None:
+            system = system + preserved @ preserved.T
+        L = _cholesky(system, "C + K Kᵀ", layer, max_condition)
         U = R
         V = torch.cholesky_solve(K, L)  # [d_in, n]
     else:

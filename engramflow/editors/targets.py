@@ -2,8 +2,9 @@
 `target_new`, optimised for a whole batch of requests at once (one δ row per request).
 
 Per request r, as in ROME/MEMIT: loss_r = NLL(target_new | each context prefix + prompt)
-+ kl_factor · KL(p₀ ‖ p) on "{subject} is a" + v_weight_decay · ‖δ_r‖ / ‖h_r‖², with ‖δ_r‖ clamped
-to clamp_norm_factor · ‖h_r‖. The batch loss is Σ_r loss_r: each δ_r only reaches its own prompts
++ kl_factor · KL(p ‖ p₀) of the next-token distribution read at the fact token of "{subject} is a" (as the
+references read it: the subject's last token, and this direction of the divergence)
++ v_weight_decay · ‖δ_r‖ / ‖h_r‖², with ‖δ_r‖ clamped to clamp_norm_factor · ‖h_r‖. The batch loss is Σ_r loss_r: each δ_r only reaches its own prompts
 and Adam is element-wise, so every row follows the same path as it would alone.
 
 Tokens before a prompt's fact token never see δ (attention is causal), so their keys and values are
@@ -105,7 +106,7 @@ class Prompts:
     seqs: list[list[int]]
     owner: list[int]  # request index of each sequence
     fact_pos: list[int]  # where δ is added
-    score_pos: list[list[int]]  # rewrite prompts: positions predicting target tokens; KL: [last]
+    score_pos: list[list[int]]  # rewrite prompts: positions predicting target tokens; KL: [fact token]
     score_ids: list[list[int]]  # rewrite prompts: the target tokens; KL prompts: []
     is_kl: list[bool]
 
@@ -131,10 +132,11 @@ def build_prompts(tok, requests: Sequence[Request], prefixes: Sequence[str], fac
     for r_i, req in enumerate(requests):
         text = f"{req.subject} is a"
         ids, offsets = encode(tok, text)
-        p.seqs.append(ids)
+        fact = fact_position(offsets, len(ids), 0, len(req.subject), fact_token)
+        p.seqs.append(ids[: fact + 1])  # causal: the tokens after the one read change nothing
         p.owner.append(r_i)
-        p.fact_pos.append(fact_position(offsets, len(ids), 0, len(req.subject), fact_token))
-        p.score_pos.append([len(ids) - 1])
+        p.fact_pos.append(fact)
+        p.score_pos.append([fact])
         p.score_ids.append([])
         p.is_kl.append(True)
     return p
@@ -227,7 +229,7 @@ def compute_targets(
                     c.kl_init = torch.stack([kl_init[s] for s in c.kl_seqs]) if c.kl_seqs else kl_logp.detach()
                 c_kl = torch.zeros(n, device=device).index_add_(
                     0, c.owner[c.kl_rows],
-                    kl_factor * F.kl_div(kl_logp, c.kl_init, log_target=True, reduction="none").sum(-1))
+                    kl_factor * F.kl_div(c.kl_init, kl_logp, log_target=True, reduction="none").sum(-1))
                 if not last:
                     grad += torch.autograd.grad((c_nll + c_kl).sum(), [delta])[0]
                 nll += c_nll.detach()

@@ -63,14 +63,15 @@ RUNS = pa.schema([
     _f("updated_at", UTC_TS),
 ])
 
-# A model version = base model + ordered deltas (tensor keys in the store).
+# A model version = base model + ordered deltas (stacking artifacts, tensor keys in the store) + at most one
+# state artifact (a method's whole state that each edit replaces, such as SCEN's expert bank).
 MODEL_VERSIONS = pa.schema([
     _f("version_id", pa.string()),
     _f("run_id", pa.string(), True),
     _f("parent_version", pa.string(), True),
     _f("base_model", pa.string()),
     _f("delta_keys", pa.list_(pa.string())),
-    _f("bank_key", pa.string(), True),  # SCEN expert bank attached to this version (tensor key), if any
+    _f("state_key", pa.string(), True),  # the state artifact attached on top of the deltas (tensor key), if any
     _f("created_at", UTC_TS),
     _f("note", pa.string(), True),
 ])
@@ -126,6 +127,8 @@ STATS = pa.schema([
     _f("shard", pa.int32()),
     _f("n_shards", pa.int32()),
     _f("max_tokens", pa.int64(), True),
+    _f("max_samples", pa.int64(), True),  # texts, the references' unit (None: counted in tokens only)
+    _f("excluded", pa.string(), True),  # id of the subjects whose texts were left out, if any
     _f("n", pa.int64()),
     _f("tensor_key", pa.string()),
     _f("created_at", UTC_TS),

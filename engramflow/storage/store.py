@@ -132,12 +132,8 @@ def conform(table: str, rows: Sequence[dict[str, Any]] | pa.Table) -> pa.Table:
 class Store:
     """Parquet tables, content-addressed tensors and a DuckDB catalogue under one root."""
 
-    def __init__(self, root: str | None = None) -> None:
-        if root is None:
-            from engramflow.home import store_root
-
-            root = store_root()
-        self.root = root
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = str(root)
         self.fs, self.path, self.local = _resolve(str(root))
 
     def __repr__(self) -> str:

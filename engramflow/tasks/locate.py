@@ -8,8 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from engramflow import home
-from engramflow.ledger import Version, fetch_requests, materialize, stable_id
-from engramflow.storage import Store
+from engramflow.ledger import Version, default_store, fetch_requests, materialize, stable_id
 
 
 @task(name="locate", cache_policy=NO_CACHE)
@@ -18,7 +17,7 @@ def locate_layers(base: Version, request_ids: list[str], window: int = 1, sample
     `window` layers ending there. A finished trace of the same sample is reused."""
     from engramflow.editors import tracing
 
-    store = Store()
+    store = default_store()
     trace_id = stable_id("trace", base.base_model, sorted(request_ids), samples)
     rows = store.read("traces", filter=pc.field("trace_id") == trace_id).to_pylist()
     if not rows:

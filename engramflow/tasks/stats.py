@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from engramflow.ledger import Version, materialize, stable_id
+from engramflow.ledger import Version, default_store, materialize, stable_id
 from engramflow.storage import Store
 
 
@@ -26,8 +26,15 @@ def corpus_texts(corpus: str) -> list[str]:
     return world.corpus_text().splitlines() if world is not None else list(iter_texts(corpus))
 
 
-def stats_id(base_model: str, layer: int, corpus: str, shard: int, n_shards: int, max_tokens: int | None) -> str:
-    return stable_id("stats", base_model, layer, corpus, shard, n_shards, max_tokens)
+def excluded_id(subjects: list[str]) -> str | None:
+    """A short id of the subjects whose texts a statistic leaves out (None: none left out)."""
+    return stable_id("x", sorted(set(subjects))) if subjects else None
+
+
+def stats_id(base_model: str, layer: int, corpus: str, shard: int, n_shards: int, max_tokens: int | None,
+             max_samples: int | None = None, excluded: str | None = None) -> str:
+    extra = () if max_samples is None and excluded is None else (max_samples, excluded)
+    return stable_id("stats", base_model, layer, corpus, shard, n_shards, max_tokens, *extra)
 
 
 def recorded_stats(store: Store, ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -37,26 +44,32 @@ def recorded_stats(store: Store, ids: list[str]) -> dict[str, dict[str, Any]]:
 
 @task(name="covariance-shard", cache_policy=NO_CACHE)
 def stats_shard(base: Version, layers: list[int], corpus: str, shard: int, n_shards: int,
-                max_tokens: int | None) -> dict[int, str]:
-    """Partial second moments of shard `shard` of `n_shards`: layer -> stats id (computed only if
-    not recorded already)."""
-    from engramflow.editors.covariance import partial_stats, shard_texts
+                max_tokens: int | None, max_samples: int | None = None, exclude: list[str] | None = None,
+                ) -> dict[int, str]:
+    """Partial second moments of shard `shard` of `n_shards` (at most `max_tokens` keys or `max_samples`
+    texts in all shards together, without the texts that mention any of `exclude`): layer -> stats id
+    (computed only if not recorded already)."""
+    from engramflow.editors.covariance import excluding, partial_stats, shard_texts
 
-    store = Store()
-    ids = {layer: stats_id(base.base_model, layer, corpus, shard, n_shards, max_tokens) for layer in layers}
+    store = default_store()
+    exclude = exclude or []
+    excluded = excluded_id(exclude)
+    ids = {layer: stats_id(base.base_model, layer, corpus, shard, n_shards, max_tokens, max_samples, excluded)
+           for layer in layers}
     done = recorded_stats(store, list(ids.values()))
     todo = [layer for layer in layers if ids[layer] not in done]
     if todo:
         model, tok = materialize(store, base)
-        texts = shard_texts(corpus_texts(corpus), n_shards)[shard]
+        texts = shard_texts(list(excluding(corpus_texts(corpus), exclude)), n_shards)[shard]
         per_shard = None if max_tokens is None else max(1, max_tokens // n_shards)
-        partial = partial_stats(model, tok, todo, texts, max_tokens=per_shard)
+        samples = None if max_samples is None else max(1, max_samples // n_shards)
+        partial = partial_stats(model, tok, todo, texts, max_tokens=per_shard, max_samples=samples)
         rows = []
         for layer, moment in partial.items():
             key = store.put_tensors({"sum_kk": moment.sum_kk.contiguous()}, {"n": str(moment.n)})
             rows.append({"stats_id": ids[layer], "base_model": base.base_model, "layer": layer, "corpus": corpus,
-                         "shard": shard, "n_shards": n_shards, "max_tokens": max_tokens, "n": moment.n,
-                         "tensor_key": key})
+                         "shard": shard, "n_shards": n_shards, "max_tokens": max_tokens, "max_samples": max_samples,
+                         "excluded": excluded, "n": moment.n, "tensor_key": key})
         store.append("stats", rows)
     return ids
 
@@ -66,7 +79,7 @@ def stats_reduce(shard_ids: list[dict[int, str]]) -> dict[int, str]:
     """Sum the shards' partials per layer; layer -> tensor key of the reduced Σ k kᵀ (metadata n)."""
     from engramflow.editors.covariance import SecondMoment, reduce_stats
 
-    store = Store()
+    store = default_store()
     rows = recorded_stats(store, [i for ids in shard_ids for i in ids.values()])
     partials = []
     for ids in shard_ids:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from engramflow.editors.methods.base import Method, Stats
+from engramflow.editors.methods.base import Method, StatisticsSpec, Stats
 
 METHODS: dict[str, Method] = {}
 _LOADED = False
@@ -44,4 +44,4 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(methods))}") from None
 
 
-__all__ = ["METHODS", "Method", "Stats", "get_method", "load_all", "register"]
+__all__ = ["METHODS", "Method", "StatisticsSpec", "Stats", "get_method", "load_all", "register"]

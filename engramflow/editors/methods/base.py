@@ -29,6 +29,16 @@ Stats = Mapping[int, SecondMoment | torch.Tensor] | Corpus | None
 
 
 @dataclass(frozen=True)
+class StatisticsSpec:
+    """What preservation statistics a method's settings ask for."""
+
+    layers: list[int]
+    max_tokens: int | None  # keys counted in tokens (this project's unit) ...
+    max_samples: int | None  # ... or in texts (the references' `mom2_n_samples`); None: no limit
+    exclude_edited: bool  # leave out the texts that mention a subject being edited
+
+
+@dataclass(frozen=True)
 class Method(ABC):
     name: str
     # The solver preserves keys: it needs their second moment at every edited layer (`stats`).
@@ -59,9 +69,15 @@ class Method(ABC):
     @abstractmethod
     def edit(self, model: nn.Module, tok: Any, requests: Sequence[Request], hp: Any, *, stats: Stats = None,
              cache: RequestCache | None = None, state: Artifact | None = None,
-             stats_cache_dir: str | Path | None = None) -> Artifact:
+             history: Sequence[Artifact] = (), stats_cache_dir: str | Path | None = None) -> Artifact:
         """Edit `requests` into a new artifact, leaving `model` as it was. `state`: the artifact this
-        method's previous edit produced when artifacts do not stack (SCEN's bank), else None."""
+        method's previous edit produced when artifacts do not stack (SCEN's bank), else None.
+        `history`: the stacked artifacts already in `model`, oldest first (AlphaEdit preserves the keys
+        its earlier edits wrote)."""
+
+    def statistics(self, hp: Any) -> StatisticsSpec | None:
+        """The preservation statistics these settings need (None: none)."""
+        return None
 
     def precompute(self, model: nn.Module, tok: Any, requests: Sequence[Request], hp: Any,
                    cache: RequestCache) -> int:

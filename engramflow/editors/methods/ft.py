@@ -37,7 +37,7 @@ class FineTune(Method):
 
     def edit(self, model: nn.Module, tok: Any, requests: Sequence[Request], hp: Hparams, *, stats: Stats = None,
              cache: RequestCache | None = None, state: Delta | None = None,
-             stats_cache_dir: str | Path | None = None) -> Delta:
+             history: Sequence[Any] = (), stats_cache_dir: str | Path | None = None) -> Delta:
         prefixes = context_prefixes(model, tok, hp.context_spec, hp.seed)
         delta = fine_tune(model, tok, requests, hp, prefixes)
         delta.algorithm = self.name

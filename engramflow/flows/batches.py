@@ -1,0 +1,136 @@
+"""The recipe every editing flow follows: ingest → statistics → (locate) → edit batch after batch →
+evaluate after each. The flows (`edit`, `sequential`, `experts`) only name it.
+
+The recipe asks the run's method what it needs (statistics, shards of per-request work, evaluation
+protocols); everything it decides from (which batches are committed, which ids a run has) comes from
+the ledger, so running the same config again resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.futures import wait
+from prefect_ray.context import remote_options
+
+from engramflow.data.selection import select_requests
+from engramflow.editors.methods import Method, get_method
+from engramflow.flows.config import RunConfig
+from engramflow.flows.stats import compute_stats
+from engramflow.ledger import (
+    Version,
+    committed_batches,
+    default_store,
+    ensure_base_version,
+    fetch_requests,
+    record_run,
+)
+from engramflow.runtime import cpu_options, gpu_options
+from engramflow.tasks.edit import edit_batch, precompute_shard
+from engramflow.tasks.evaluate import evaluate_version, protocols_for
+from engramflow.tasks.ingest import ingest
+from engramflow.tasks.locate import locate_layers
+
+
+def method_hparams(method: Method, cfg: RunConfig, base: Version, layers: list[int] | None) -> dict[str, Any]:
+    """The run's hparams overrides with located or given layers in them, checked against the method's
+    preset for this model (read from its config alone)."""
+    from transformers import AutoConfig
+
+    hp = method.hparams(AutoConfig.from_pretrained(base.base_model), cfg.hparams)
+    overrides = dict(cfg.hparams)
+    if layers is not None:
+        method.with_layers(hp, layers)  # fails here, before any work, if the method cannot take them
+        overrides["layers"] = list(layers)
+    return overrides
+
+
+def resolved_hparams(method: Method, base: Version, overrides: dict[str, Any]) -> Any:
+    """The method's settings for the base model (read from its config alone) with the run's overrides."""
+    from transformers import AutoConfig
+
+    return method.hparams(AutoConfig.from_pretrained(base.base_model), overrides)
+
+
+def _layers(cfg: RunConfig, base: Version, sample: list[str]) -> list[int] | None:
+    """Edited layers: from the preset (None), from causal tracing, or as given."""
+    if cfg.layers == "preset":
+        return None
+    if cfg.layers == "auto":
+        return locate_layers.submit(base, sample, window=cfg.window).result()
+    return [int(x) for x in cfg.layers.split(",")]
+
+
+def run_batches(flow_name: str, cfg: RunConfig, run_id: str | None = None) -> str:
+    """Run `cfg` as flow `flow_name`; returns the run id. A failure is recorded with its error."""
+    store = default_store()
+    run_id = run_id or cfg.run_id(flow_name)
+
+    def record(status: str, error: str | None = None) -> None:
+        record_run(store, run_id, flow_name, cfg.algorithm, cfg.model, cfg.dataset, cfg.params(), status, error)
+
+    record("running")
+    try:
+        _run(flow_name, cfg, run_id)
+    except BaseException as err:
+        record("failed", f"{type(err).__name__}: {err}")
+        raise
+    record("completed")
+    return run_id
+
+
+def _run(flow_name: str, cfg: RunConfig, run_id: str) -> None:
+    log = get_run_logger()
+    store = default_store()
+    method = get_method(cfg.algorithm)
+    base = ensure_base_version(store, cfg.model)
+    gpu = gpu_options(cfg.device)
+
+    request_ids = ingest.submit(cfg.dataset, cfg.format).result()
+    edit_ids, probe_ids = select_requests(fetch_requests(store, request_ids), cfg.n, cfg.n_probes, cfg.seed)
+    protocols = protocols_for(cfg.format, cfg.algorithm, cfg.protocols)
+    log.info("run %s: %s, %d edits in batches of %d, %d probes; evaluated with %s", run_id, method.name,
+             len(edit_ids), cfg.batch_size, len(probe_ids), ", ".join(protocols))
+
+    with remote_options(**gpu):
+        layers = _layers(cfg, base, edit_ids[: min(20, len(edit_ids))])
+    hparams = method_hparams(method, cfg, base, layers)
+    corpus = cfg.corpus or "world"
+    stats_keys = None
+    spec = method.statistics(resolved_hparams(method, base, hparams))
+    if spec is not None:
+        subjects = [r.subject for r in fetch_requests(store, edit_ids)] if spec.exclude_edited else None
+        stats_keys = compute_stats(base, spec.layers, corpus, cfg.stats_shards,
+                                   spec.max_tokens if cfg.stats_tokens is None else cfg.stats_tokens, cfg.device,
+                                   spec.max_samples, subjects)
+    shards = cfg.shards or method.default_shards
+
+    evaluations = []
+    with remote_options(**gpu):
+        # step -1: the unedited model on every request the run will edit, the probes and the rest
+        evaluations.append(evaluate_version.submit(run_id, base, -1, edit_ids, probe_ids, protocols, cfg.algorithm,
+                                                   hparams, cfg.device, corpus))
+        parent = base
+        batches = [edit_ids[i: i + cfg.batch_size] for i in range(0, len(edit_ids), cfg.batch_size)]
+        committed_before = committed_batches(store, run_id)  # a resumed run's batches need no precomputing
+        for index, batch in enumerate(batches):
+            # Per-request work (targets, experts) dominates editing: its shards run as parallel tasks
+            # first (one core or GPU each), then the edit reads their results from the cache.
+            if shards > 1 and method.shardable and index not in committed_before:
+                with remote_options(**cpu_options(cfg.device, 1)):
+                    work = [precompute_shard.submit(parent, batch[i::shards], cfg.algorithm, hparams, cfg.device)
+                            for i in range(shards) if batch[i::shards]]
+                for future in work:
+                    future.result()  # a failed shard fails the batch here, before anything is committed
+            with remote_options(**cpu_options(cfg.device, cfg.edit_cpus)):
+                parent = edit_batch.submit(run_id, index, parent, batch, cfg.algorithm, hparams, stats_keys,
+                                           cfg.device).result()
+            # Evaluating version i overlaps with editing batch i + 1: both only read version i.
+            done_so_far = edit_ids[: (index + 1) * cfg.batch_size]
+            evaluations.append(evaluate_version.submit(run_id, parent, index, done_so_far, probe_ids, protocols,
+                                                       cfg.algorithm, hparams, cfg.device, corpus))
+            log.info("batch %d/%d committed as %s", index + 1, len(batches), parent.version_id)
+        wait(evaluations)
+        for future in evaluations:
+            future.result()
