@@ -30,6 +30,7 @@ from torch import nn
 
 from engramflow import home
 from engramflow.editors.adapters import adapter_for
+from engramflow.editors.requests import Request, as_requests
 from engramflow.editors.scen import (
     Expert,
     ExpertBank,
@@ -38,8 +39,6 @@ from engramflow.editors.scen import (
     attach,
     detach,
     expert_applied,
-    fill_prompt,
-    request_id,
     route,
     target_correct,
     train_expert,
@@ -51,7 +50,7 @@ MB = 1024 * 1024
 KEEP_ALL = 10**6  # neuron_contrasts that keeps every candidate contrast
 
 
-def _requests(n: int, world: str) -> list[dict[str, Any]]:
+def _requests(n: int, world: str) -> list[Request]:
     """The first n requests of the embedded world (`world`), the tiny world (`world-tiny`) or an export."""
     from engramflow.data.ingest import load_requests
 
@@ -60,7 +59,7 @@ def _requests(n: int, world: str) -> list[dict[str, Any]]:
 
         world = str(tiny_world().write_counterfact(home.get_home() / "world-tiny.json"))
     requests, _rejects = load_requests(world, "world")
-    return requests[:n]
+    return as_requests(requests[:n])
 
 
 @torch.no_grad()
@@ -74,7 +73,7 @@ def _share(flags: Sequence[bool]) -> float:
 
 
 # --- 1. storage, training time and expert quality -------------------------------------------------
-def bench_experts(model: nn.Module, tok: Any, requests: list[dict], layer: int, config: ScenConfig) -> list[Expert]:
+def bench_experts(model: nn.Module, tok: Any, requests: list[Request], layer: int, config: ScenConfig) -> list[Expert]:
     """Train each request's expert as LoRA, full matrix and full-then-SVD; quality with oracle routing
     (the expert applied to its own prompt and paraphrases unconditionally)."""
     adapter = adapter_for(model)
@@ -91,8 +90,8 @@ def bench_experts(model: nn.Module, tok: Any, requests: list[dict], layer: int, 
         for r, e in zip(requests, experts, strict=True):
             delta = e.delta().float()
             with expert_applied(model, layer, lambda h, d=delta: h.float() @ d.T):
-                rel.append(target_correct(model, tok, fill_prompt(r), r["target_new"]))
-                gen += [target_correct(model, tok, fill_prompt(r, p), r["target_new"]) for p in r["paraphrase_prompts"]]
+                rel.append(target_correct(model, tok, r.prompt, r.target_new))
+                gen += [target_correct(model, tok, p, r.target_new) for p in r.paraphrase_prompts]
         nbytes = statistics.mean(e.nbytes() for e in experts)
         label = kind if kind == "full" else f"{kind} r={cfg.rank}"
         table.add_row(label, f"{nbytes:,.0f}", f"{nbytes / full_bytes:.4f}",
@@ -153,29 +152,26 @@ def bench_latency(model: nn.Module, tok: Any, bank: ExpertBank, edited: str, unr
 
 
 # --- 3. sequential edits ------------------------------------------------------------------------------
-def evaluate(model: nn.Module, tok: Any, bank: ExpertBank, requests: list[dict], unrelated: list[dict],
+def evaluate(model: nn.Module, tok: Any, bank: ExpertBank, requests: list[Request], unrelated: list[Request],
              base_next: dict[str, int], paraphrase_slice: slice, neighbours: int) -> dict[str, float]:
     """Reliability, generality, locality and routing accuracy of `bank` attached to `model`."""
     # A neighbourhood prompt may be another edited fact's own prompt (CounterFact neighbours are facts of
     # the same relation and object): it is then expected to move, and is left out of locality.
-    edited = {fill_prompt(r) for r in requests}
+    edited = {r.prompt for r in requests}
     attach(model, bank.layer, bank)
     try:
         rel, gen, loc_neighbour, loc_unrelated, right = [], [], [], [], []
         for r in requests:
-            rid = request_id(r)
-            prompt = fill_prompt(r)
-            paraphrases = [fill_prompt(r, p) for p in r["paraphrase_prompts"][paraphrase_slice]]
-            rel.append(target_correct(model, tok, prompt, r["target_new"]))
-            gen += [target_correct(model, tok, p, r["target_new"]) for p in paraphrases]
-            right += [got == rid for got in route(model, tok, [prompt, *paraphrases])]
-            others = [n["prompt"] for n in r["neighborhood"][:neighbours] if n["prompt"] not in edited]
+            paraphrases = list(r.paraphrase_prompts[paraphrase_slice])
+            rel.append(target_correct(model, tok, r.prompt, r.target_new))
+            gen += [target_correct(model, tok, p, r.target_new) for p in paraphrases]
+            right += [got == r.request_id for got in route(model, tok, [r.prompt, *paraphrases])]
+            others = [n.prompt for n in r.neighborhood[:neighbours] if n.prompt not in edited]
             loc_neighbour += [next_token(model, tok, p) == base_next[p] for p in others]
             right += [got is None for got in route(model, tok, others)]
         for r in unrelated:
-            prompt = fill_prompt(r)
-            loc_unrelated.append(next_token(model, tok, prompt) == base_next[prompt])
-            right += [got is None for got in route(model, tok, [prompt])]
+            loc_unrelated.append(next_token(model, tok, r.prompt) == base_next[r.prompt])
+            right += [got is None for got in route(model, tok, [r.prompt])]
     finally:
         detach(model)
     return {"reliability": _share(rel), "generality": _share(gen), "locality": _share(loc_neighbour + loc_unrelated),
@@ -183,7 +179,7 @@ def evaluate(model: nn.Module, tok: Any, bank: ExpertBank, requests: list[dict],
             "routing": _share(right)}
 
 
-def bench_quality(model: nn.Module, tok: Any, requests: list[dict], unrelated: list[dict], layer: int,
+def bench_quality(model: nn.Module, tok: Any, requests: list[Request], unrelated: list[Request], layer: int,
                   config: ScenConfig, batch: int, neighbours: int) -> None:
     """Train every expert once, then add them in batches under several neuron settings (neurons only
     differ between rows, so the experts are shared)."""
@@ -192,10 +188,10 @@ def bench_quality(model: nn.Module, tok: Any, requests: list[dict], unrelated: l
     console.print(f"{len(experts)} experts trained in {time.perf_counter() - start:.1f} s")
     base_next = {}
     for r in requests:
-        for n in r["neighborhood"][:neighbours]:
-            base_next[n["prompt"]] = next_token(model, tok, n["prompt"])
+        for n in r.neighborhood[:neighbours]:
+            base_next[n.prompt] = next_token(model, tok, n.prompt)
     for r in unrelated:
-        base_next[fill_prompt(r)] = next_token(model, tok, fill_prompt(r))
+        base_next[r.prompt] = next_token(model, tok, r.prompt)
     previous = replace(config, neuron_sharpness=20.0, neuron_candidates=16, neuron_contrasts=KEEP_ALL, neuron_paraphrases=0,
                        recalibrate_steps=0)
     variants = {
@@ -275,7 +271,7 @@ def main() -> None:
         console.print(f"bank file: {path.stat().st_size / len(bank):,.0f} bytes per expert, of which factors + neuron "
                       f"{bank.expert_nbytes():,} and edit keys {len(bank.keys) / len(bank):.1f} rows of d_mlp "
                       "(the negatives of later neurons)")
-    bench_latency(model, tok, bank, fill_prompt(requests[0]), fill_prompt(requests[-1]), args.repeats)
+    bench_latency(model, tok, bank, requests[0].prompt, requests[-1].prompt, args.repeats)
     if args.edits:
         edits = requests[args.offset : args.offset + args.edits]
         unrelated = requests[args.offset + args.edits : args.offset + args.edits + args.unrelated]

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from engramflow.editors.adapters import adapter_for
+from engramflow.editors.requests import Request, as_requests
 from engramflow.editors.scen import (
     Expert,
     ExpertBank,
@@ -19,8 +20,6 @@ from engramflow.editors.scen import (
     add_requests,
     attach,
     detach,
-    fill_prompt,
-    request_id,
     route,
     target_correct,
     train_expert,
@@ -35,12 +34,12 @@ TEMPLATES = ["The hometown of {}", "The birthplace of {}", "The city that raised
 UNRELATED = ["The river flows past the old mill", "Seven bells rang over Vossa at noon"]
 
 
-def _requests() -> list[dict]:
-    return [
+def _requests() -> list[Request]:
+    return as_requests([
         {"prompt": TEMPLATES[0], "subject": s, "target_new": CITIES[(i + 1) % len(CITIES)],
          "target_true": CITIES[i], "paraphrase_prompts": [t.format(s) for t in TEMPLATES[1:]]}
         for i, s in enumerate(SUBJECTS)
-    ]
+    ])
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
@@ -95,21 +94,21 @@ def test_expert_training_leaves_the_model_untouched(gpt2, tok):
     assert all(p.grad is None for p in gpt2.parameters())
     # The expert alone flips the fact (tested without routing: applied to every prompt).
     r = _requests()[0]
-    assert not target_correct(gpt2, tok, fill_prompt(r), r["target_new"])
+    assert not target_correct(gpt2, tok, r.prompt, r.target_new)
     from engramflow.editors.scen import expert_applied
 
     with expert_applied(gpt2, 1, lambda h: (h.float() @ expert.a.T) @ expert.b.T):
-        assert target_correct(gpt2, tok, fill_prompt(r), r["target_new"])
+        assert target_correct(gpt2, tok, r.prompt, r.target_new)
 
 
 def test_own_prompt_routes_to_own_expert_and_unrelated_to_none(gpt2, tok, bank):
     attach(gpt2, 1, bank)
     try:
         reqs = _requests()[:4]
-        assert route(gpt2, tok, [fill_prompt(r) for r in reqs]) == [request_id(r) for r in reqs]
+        assert route(gpt2, tok, [r.prompt for r in reqs]) == [r.request_id for r in reqs]
         assert route(gpt2, tok, UNRELATED) == [None, None]
         for r in reqs:
-            assert target_correct(gpt2, tok, fill_prompt(r), r["target_new"])
+            assert target_correct(gpt2, tok, r.prompt, r.target_new)
     finally:
         detach(gpt2)
     assert not isinstance(adapter_for(gpt2).mlp_out_module(gpt2, 1), ScenLayer)
@@ -117,7 +116,7 @@ def test_own_prompt_routes_to_own_expert_and_unrelated_to_none(gpt2, tok, bank):
 
 def test_routing_is_kept_through_generate_with_kv_cache_and_per_row(gpt2, tok, bank):
     reqs = _requests()[:2]
-    prompts = [fill_prompt(reqs[0]), UNRELATED[0], fill_prompt(reqs[1])]
+    prompts = [reqs[0].prompt, UNRELATED[0], reqs[1].prompt]
     enc = [tok.encode(p) for p in prompts]
     width = max(map(len, enc))
     # Left padding, as decoder-only generation expects; the mask tells the layer where each row ends.
@@ -127,14 +126,14 @@ def test_routing_is_kept_through_generate_with_kv_cache_and_per_row(gpt2, tok, b
     try:
         out = gpt2.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
         assert [bank.ids[i] if i >= 0 else None for i in layer.routes.tolist()] == [
-            request_id(reqs[0]), None, request_id(reqs[1])]
+            reqs[0].request_id, None, reqs[1].request_id]
         # Without a KV cache generate re-reads the whole sequence each step; the routing must hold too.
         uncached = gpt2.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
                                  pad_token_id=0, use_cache=False)
         assert torch.equal(uncached, out)
         first = out[:, width]
-        assert tok.decode([int(first[0])]) == reqs[0]["target_new"]
-        assert tok.decode([int(first[2])]) == reqs[1]["target_new"]
+        assert tok.decode([int(first[0])]) == reqs[0].target_new
+        assert tok.decode([int(first[2])]) == reqs[1].target_new
     finally:
         detach(gpt2)
     base = gpt2.generate(input_ids=ids[1:2, width - len(enc[1]):], max_new_tokens=3, do_sample=False, pad_token_id=0)
@@ -151,7 +150,7 @@ def test_continual_addition_leaves_old_experts_bit_identical(gpt2, tok, bank):
     attach(gpt2, 1, grown)
     try:
         reqs = _requests()
-        assert route(gpt2, tok, [fill_prompt(r) for r in reqs]) == [request_id(r) for r in reqs]
+        assert route(gpt2, tok, [r.prompt for r in reqs]) == [r.request_id for r in reqs]
         assert route(gpt2, tok, UNRELATED) == [None, None]
     finally:
         detach(gpt2)
@@ -163,7 +162,7 @@ def test_save_load_round_trip_gives_identical_routing_and_outputs(gpt2, tok, ban
     loaded = ExpertBank.load(path)
     assert loaded.ids == bank.ids and loaded.config == bank.config and loaded.facts == bank.facts
     assert loaded.key_question == bank.key_question and torch.equal(loaded.keys, bank.keys)
-    prompts = [fill_prompt(r) for r in _requests()] + UNRELATED
+    prompts = [r.prompt for r in _requests()] + UNRELATED
     outputs = []
     for b in (bank, loaded):
         attach(gpt2, 1, b)
@@ -187,22 +186,22 @@ def test_save_load_round_trip_gives_identical_routing_and_outputs(gpt2, tok, ban
 
 def test_removal_restores_base_behaviour_for_that_fact(gpt2, tok, bank):
     r = _requests()[1]
-    prompt = fill_prompt(r)
+    prompt = r.prompt
     ids = torch.tensor([tok.encode(prompt)])
     base = gpt2(input_ids=ids).logits
     smaller = bank.copy()
-    smaller.remove(request_id(r))
-    assert request_id(r) not in smaller.ids and len(smaller) == 3
+    smaller.remove(r.request_id)
+    assert r.request_id not in smaller.ids and len(smaller) == 3
     attach(gpt2, 1, smaller)
     try:
         assert route(gpt2, tok, [prompt]) == [None]
         assert torch.equal(gpt2(input_ids=ids).logits, base)
         others = [x for i, x in enumerate(_requests()[:4]) if i != 1]
-        assert route(gpt2, tok, [fill_prompt(x) for x in others]) == [request_id(x) for x in others]
+        assert route(gpt2, tok, [x.prompt for x in others]) == [x.request_id for x in others]
     finally:
         detach(gpt2)
-    with pytest.raises(KeyError, match=request_id(r)):
-        smaller.remove(request_id(r))
+    with pytest.raises(KeyError, match=r.request_id):
+        smaller.remove(r.request_id)
 
 
 def test_works_on_a_tiny_llama(tok):
@@ -217,10 +216,10 @@ def test_works_on_a_tiny_llama(tok):
     attach(model, 0, bank)
     try:
         reqs = _requests()[:3]
-        assert route(model, tok, [fill_prompt(r) for r in reqs]) == [request_id(r) for r in reqs]
-        out = model.generate(input_ids=torch.tensor([tok.encode(fill_prompt(reqs[0]))]), max_new_tokens=2,
+        assert route(model, tok, [r.prompt for r in reqs]) == [r.request_id for r in reqs]
+        out = model.generate(input_ids=torch.tensor([tok.encode(reqs[0].prompt)]), max_new_tokens=2,
                              do_sample=False, pad_token_id=0)
-        assert out.shape == (1, len(tok.encode(fill_prompt(reqs[0]))) + 2)
+        assert out.shape == (1, len(tok.encode(reqs[0].prompt)) + 2)
     finally:
         detach(model)
 
@@ -235,7 +234,7 @@ def test_attach_rejects_a_bank_of_another_layer_or_shape(gpt2, tok, bank):
 
 
 def test_contrast_prompts_never_ask_an_edited_question():
-    from engramflow.editors.scen.model import contrast_prompts
+    from engramflow.editors.scen.prompts import contrast_prompts
 
     facts = [{"subject": "A", "template": "{} was born in", "relation": "P19"},
              {"subject": "B", "template": "The hometown of {} is", "relation": "P19"},
@@ -278,12 +277,12 @@ def test_an_old_neuron_firing_on_a_new_contrast_key_is_recalibrated_and_keeps_it
 def test_contrasts_reuse_the_wordings_other_edits_trained_on():
     """An edit's training paraphrases join the template vocabulary: other subjects are contrasted in
     them, while the paraphrases held out for evaluation are never used."""
-    from engramflow.editors.scen.model import contrast_prompts, fact_of
+    from engramflow.editors.scen.prompts import contrast_prompts, fact_of
 
     a = {"subject": "A", "prompt": "{} was born in", "relation": "P19", "target_new": "X",
          "paraphrase_prompts": ["The hometown of A is", "A grew up in"]}
     c = {"subject": "C", "prompt": "{} speaks", "relation": "P37", "target_new": "Y"}
-    fact_a, fact_c = fact_of(a, paraphrases=1), fact_of(c, paraphrases=1)
+    fact_a, fact_c = fact_of(Request.from_mapping(a), paraphrases=1), fact_of(Request.from_mapping(c), paraphrases=1)
     assert fact_a["templates"] == ["{} was born in", "The hometown of {} is"]
     # C's neuron: C in both of A's trained wordings (another relation), A in C's template.
     assert sorted(p for p, _ in contrast_prompts(fact_c, [fact_a], 8, seed=0)) == [

@@ -32,8 +32,7 @@ def _weights_only(version: Version) -> Version:
 @task(name="train-experts", cache_policy=NO_CACHE)
 def train_experts(parent: Version, request_ids: list[str], layer: int, config: dict[str, Any]) -> str:
     """Stage 1 for a chunk of requests: one expert each; returns the tensor key of the chunk's experts."""
-    from engramflow.editors.scen import ScenConfig, train_expert
-    from engramflow.editors.scen.model import experts_to_tensors
+    from engramflow.editors.scen import ScenConfig, experts_to_tensors, train_expert
     from engramflow.runtime import use_assigned_cpus
 
     use_assigned_cpus()
@@ -73,8 +72,7 @@ def index_experts(run_id: str, batch_index: int, parent: Version, request_ids: l
     trained against every earlier edit; the bank is stored and the new version committed."""
     import time
 
-    from engramflow.editors.scen import ExpertBank, ScenConfig, add_requests
-    from engramflow.editors.scen.model import experts_from_tensors
+    from engramflow.editors.scen import ExpertBank, ScenConfig, add_requests, experts_from_tensors
 
     store = Store()
     version_id = batch_version_id(run_id, batch_index)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from engramflow.editors.scen.model import ExpertBank
+    from engramflow.editors.scen.bank import ExpertBank
 
 NO_EXPERT = -1
 
