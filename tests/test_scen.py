@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from engramflow.editors.adapters import adapter_for
+from engramflow.editors.artifacts import Artifact, from_safetensors, to_safetensors
 from engramflow.editors.requests import Request, as_requests
 from engramflow.editors.scen import (
     Expert,
@@ -20,6 +23,8 @@ from engramflow.editors.scen import (
     add_requests,
     attach,
     detach,
+    expert_applied,
+    prompt_hidden,
     route,
     target_correct,
     train_expert,
@@ -95,8 +100,6 @@ def test_expert_training_leaves_the_model_untouched(gpt2, tok):
     # The expert alone flips the fact (tested without routing: applied to every prompt).
     r = _requests()[0]
     assert not target_correct(gpt2, tok, r.prompt, r.target_new)
-    from engramflow.editors.scen import expert_applied
-
     with expert_applied(gpt2, 1, lambda h: (h.float() @ expert.a.T) @ expert.b.T):
         assert target_correct(gpt2, tok, r.prompt, r.target_new)
 
@@ -323,3 +326,90 @@ def test_an_empty_batch_changes_nothing(gpt2, tok, bank):
     report = add_requests(gpt2, tok, grown, [])
     assert report.experts == [] and grown.version == version and grown.ids == bank.ids
     assert torch.equal(grown.keys, keys)
+
+
+def test_a_full_bank_stores_and_serves_dense_experts_at_full_rank(gpt2, tok):
+    """expert_kind='full' (the reference's Llama-2-7B setting) keeps each expert's dense delta: the
+    routed layer computes base(h) + h @ denseᵀ, not the rank-r cut of it. Layer 0: a later layer's
+    attention carries every position's delta to the target, so the trained delta has rank > 1."""
+    full = replace(CONFIG, expert_kind="full")
+    reqs = _requests()[:2]
+    experts = [train_expert(gpt2, tok, r, 0, full) for r in reqs]
+    bank = ExpertBank.for_model(gpt2, 0, full)
+    add_requests(gpt2, tok, bank, reqs, experts)
+    dense = experts[0].dense
+    assert bank.a is None and bank.b is None and bank.dense.shape == (2, 32, 128)
+    assert torch.equal(bank.dense[0], dense) and int(torch.linalg.matrix_rank(bank.dense[0])) > full.rank
+    h = prompt_hidden(gpt2, tok, [reqs[0].prompt], 0)[0][None]  # [1, seq, d_mlp]
+    ids = torch.tensor([tok.encode(reqs[0].prompt)])
+    layer = attach(gpt2, 0, bank)
+    try:
+        layer.begin_prompt(None)
+        out = layer(h)
+        assert layer.routes.tolist() == [0]
+        torch.testing.assert_close(out, layer.base(h) + h @ dense.T, rtol=0, atol=1e-5)
+        routed = gpt2(input_ids=ids).logits
+    finally:
+        detach(gpt2)
+    a, b = experts[0].factors(full.rank)
+    assert float((h @ dense.T - (h @ a.T) @ b.T).abs().max()) > 1e-3  # what the rank-r cut would have served
+    with expert_applied(gpt2, 0, lambda x: x.float() @ dense.T):
+        torch.testing.assert_close(gpt2(input_ids=ids).logits, routed, rtol=0, atol=1e-5)
+    loaded = from_safetensors(*to_safetensors(bank))
+    assert isinstance(loaded, ExpertBank) and torch.equal(loaded.dense, bank.dense)
+    # A rank-r bank refuses a dense expert rather than cut it.
+    with pytest.raises(ValueError, match="dense expert in a rank-2 lora bank"):
+        ExpertBank.for_model(gpt2, 0, CONFIG).add(experts[:1], [h[0, -1:]])
+
+
+def test_a_full_bank_stored_before_full_experts_were_served_reads_as_its_factors(bank):
+    tensors, meta = bank.to_tensors()  # factors, as every bank was stored, whatever its expert_kind
+    legacy = {**meta, "format": "engramflow.scen/1",
+              "config": json.dumps({**bank.config.to_dict(), "expert_kind": "full"})}
+    old = ExpertBank.from_tensors(tensors, legacy)
+    assert old.full and torch.equal(old.dense, bank.b @ bank.a)
+
+
+def test_the_bank_is_an_artifact_that_attaches_and_detaches(gpt2, tok, bank, tmp_path: Path):
+    assert ExpertBank.format == "engramflow.scen/1" and not ExpertBank.stacks
+    assert bank.request_ids == bank.ids and "format" not in bank.to_tensors()[1]
+    path = tmp_path / "bank.safetensors"
+    bank.save(path)
+    loaded = Artifact.load(path)
+    assert isinstance(loaded, ExpertBank) and loaded.request_ids == bank.request_ids
+    again = from_safetensors(*to_safetensors(bank))
+    for name in ("a", "b", "neuron_w", "neuron_b", "keys", "key_owner"):
+        assert torch.equal(getattr(loaded, name), getattr(bank, name))
+        assert torch.equal(getattr(again, name), getattr(bank, name))
+    reqs = _requests()[:4]
+    module = adapter_for(gpt2).mlp_out_module(gpt2, 1)
+    with loaded.applied(gpt2):
+        assert route(gpt2, tok, [r.prompt for r in reqs]) == [r.request_id for r in reqs]
+        with pytest.raises(RuntimeError, match="already attached"):
+            bank.apply(gpt2)
+        with pytest.raises(RuntimeError, match="another SCEN bank"):
+            bank.revert(gpt2)
+    assert adapter_for(gpt2).mlp_out_module(gpt2, 1) is module
+
+
+def test_without_takes_one_fact_out_exactly_and_leaves_the_bank_alone(gpt2, tok, bank):
+    r = _requests()[2]
+    ids = torch.tensor([tok.encode(r.prompt)])
+    base = gpt2(input_ids=ids).logits
+    before = {name: t.clone() for name, t in bank.to_tensors()[0].items()}
+    smaller = bank.without([r.request_id])
+    assert smaller.request_ids == [x for x in bank.ids if x != r.request_id] and len(bank) == 4
+    assert all(torch.equal(t, bank.to_tensors()[0][name]) for name, t in before.items())
+    keep = [0, 1, 3]
+    for name in ("a", "b", "neuron_w", "neuron_b"):
+        assert torch.equal(getattr(smaller, name), getattr(bank, name)[keep])
+    # Its keys go (owner 2: its positives, -2 - 2: its other tokens and contrasts), every other key stays.
+    mask = (bank.key_owner != 2) & (bank.key_owner != -4)
+    assert int(mask.sum()) < len(bank.keys) and torch.equal(smaller.keys, bank.keys[mask])
+    with smaller.applied(gpt2):
+        assert route(gpt2, tok, [r.prompt]) == [None]
+        assert torch.equal(gpt2(input_ids=ids).logits, base)
+        others = [x for i, x in enumerate(_requests()[:4]) if i != 2]
+        assert route(gpt2, tok, [x.prompt for x in others]) == [x.request_id for x in others]
+    with pytest.raises(KeyError, match="nobody"):
+        bank.without(["nobody"])

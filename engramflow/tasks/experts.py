@@ -53,7 +53,7 @@ def write_scen_rows(store: Store, run_id: str, batch_index: int, version: Versio
         if edit_id(run_id, batch_index, rid) in done:
             continue
         i = bank.index(rid)
-        norm = float((bank.b[i].double() @ bank.a[i].double()).norm())
+        norm = float(bank.delta(i).double().norm())
         experts.append({"expert_id": stable_id("expert", run_id, rid), "run_id": run_id, "request_id": rid,
                         "layer": bank.layer, "rank": bank.config.rank, "expert_key": expert_key.get(rid, version.bank_key),
                         "neuron_key": version.bank_key, "bytes": bank.expert_nbytes(), "removed": False})
@@ -72,6 +72,7 @@ def index_experts(run_id: str, batch_index: int, parent: Version, request_ids: l
     trained against every earlier edit; the bank is stored and the new version committed."""
     import time
 
+    from engramflow.editors.artifacts import to_safetensors
     from engramflow.editors.scen import ExpertBank, ScenConfig, add_requests, experts_from_tensors
 
     store = Store()
@@ -93,7 +94,7 @@ def index_experts(run_id: str, batch_index: int, parent: Version, request_ids: l
         add_requests(model, tok, bank, fetch_requests(store, request_ids), experts=[by_id[r] for r in request_ids])
         indexing = (time.perf_counter() - start) / max(1, len(request_ids))
         seconds = {rid: by_id[rid].seconds + indexing for rid in request_ids}
-        bank_key = store.put_tensors(*bank.to_tensors())
+        bank_key = store.put_tensors(*to_safetensors(bank))
         version = record_version(store, version_id, parent, [], run_id, bank_key=bank_key,
                                  note=f"scen batch {batch_index} ({len(request_ids)} experts)")
     write_scen_rows(store, run_id, batch_index, version, request_ids, expert_key, seconds)

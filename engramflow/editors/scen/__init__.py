@@ -1,10 +1,11 @@
-"""SCEN (Yao et al., 2024): one low-rank expert per fact on an MLP output projection, plus an indexing
-neuron per expert that decides, at the last prompt token, whether that expert replaces the layer.
+"""SCEN (Yao et al., 2024): one expert per fact on an MLP output projection (low-rank, or dense for
+`expert_kind='full'`), plus an indexing neuron per expert that decides, at the last prompt token,
+whether that expert replaces the layer.
 
     bank = ExpertBank.for_model(model, layer, ScenConfig())
     add_requests(model, tok, bank, requests)     # stage 1 + stage 2 (continual: call again)
-    attach(model, layer, bank)                   # inference, generate() included
-    bank.remove(request_id); bank.save(path); ExpertBank.load(path)
+    with bank.applied(model): ...                # attached for inference, generate() included
+    bank.without([request_id]); bank.save(path); ExpertBank.load(path)
 
 Modules: `prompts` (templates, facts, contrast prompts, keys), `experts` (stage 1), `neurons`
 (stage 2), `bank` (the bank and the continual step), `layer` and `routing` (inference).

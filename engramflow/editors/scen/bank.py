@@ -12,20 +12,19 @@ import time
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engramflow.editors.adapters import adapter_for
+from engramflow.editors.artifacts import FORMAT_KEY, Artifact
 from engramflow.editors.requests import Request, as_requests
 from engramflow.editors.scen.config import ScenConfig
 from engramflow.editors.scen.experts import Expert, train_expert
 from engramflow.editors.scen.neurons import train_neurons
 from engramflow.editors.scen.prompts import contrast_prompts, fact_of, prompt_hidden, question_of
+from engramflow.editors.scen.routing import attach, attached, detach
 
 
 def _owned_by(owner: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
@@ -44,9 +43,17 @@ class AddReport:
     seconds_neurons: float = 0.0
 
 
-class ExpertBank:
-    """Experts (stacked low-rank factors) and their indexing neurons for one layer, in edit order, plus
-    the keys of every edited prompt (the negatives of later neurons)."""
+class ExpertBank(Artifact):
+    """Experts and their indexing neurons for one layer, in edit order, plus the keys of every edited
+    prompt (the negatives of later neurons). A bank is SCEN's whole state: each edit returns the new
+    bank, which replaces the one before (`stacks = False`); applying it attaches it as a routing layer.
+
+    Experts are stored as the config says: a `full` bank holds each delta dense (`dense`
+    [n, d_model, d_mlp]), a `lora` or `svd` bank its rank-r factors (`a` [n, r, d_mlp], `b`
+    [n, d_model, r]); the other tensors are None."""
+
+    format: ClassVar[str] = "engramflow.scen/1"
+    stacks: ClassVar[bool] = False
 
     def __init__(self, layer: int, d_model: int, d_mlp: int, config: ScenConfig) -> None:
         self.layer = layer
@@ -56,8 +63,9 @@ class ExpertBank:
         self.ids: list[str] = []
         self.facts: list[dict[str, Any]] = []  # fact_of(request) per expert, for contrast prompts
         r = config.rank
-        self.a = torch.zeros(0, r, d_mlp)  # [n, r, d_mlp]
-        self.b = torch.zeros(0, d_model, r)  # [n, d_model, r]
+        self.a: torch.Tensor | None = None if self.full else torch.zeros(0, r, d_mlp)  # [n, r, d_mlp]
+        self.b: torch.Tensor | None = None if self.full else torch.zeros(0, d_model, r)  # [n, d_model, r]
+        self.dense: torch.Tensor | None = torch.zeros(0, d_model, d_mlp) if self.full else None
         self.neuron_w = torch.zeros(0, d_mlp)  # [n, d_mlp]
         self.neuron_b = torch.zeros(0)  # [n]
         # Keys of every edit's prompts: owner i >= 0 marks the last prompt token of expert i's prompts
@@ -70,11 +78,21 @@ class ExpertBank:
 
     @classmethod
     def for_model(cls, model: nn.Module, layer: int, config: ScenConfig) -> ExpertBank:
+        """An empty bank for `layer` of `model` (ValueError when the model has no such layer)."""
         adapter = adapter_for(model)
         n_layers = adapter.n_layers(model)
         if not 0 <= layer < n_layers:
             raise ValueError(f"layer {layer} out of range: the model has {n_layers} layers")
         return cls(layer, adapter.d_model(model), adapter.d_mlp(model), config)
+
+    @property
+    def full(self) -> bool:
+        """Whether experts are stored and served as dense matrices."""
+        return self.config.expert_kind == "full"
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self.ids)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -85,10 +103,36 @@ class ExpertBank:
         except ValueError:
             raise KeyError(f"no expert for request {rid!r} in the bank (layer {self.layer})") from None
 
+    def delta(self, i: int) -> torch.Tensor:
+        """Expert i's delta on W as a dense [d_model, d_mlp] matrix, as the bank serves it."""
+        if self.dense is not None:
+            return self.dense[i]
+        assert self.a is not None and self.b is not None
+        return self.b[i] @ self.a[i]
+
     def expert_nbytes(self) -> int:
-        """Storage of one expert's factors plus its neuron, in bytes (float32)."""
+        """Storage of one expert (dense, or its factors) plus its neuron, in bytes (float32)."""
         r = self.config.rank
-        return 4 * (r * (self.d_model + self.d_mlp) + self.d_mlp + 1)
+        expert = self.d_model * self.d_mlp if self.full else r * (self.d_model + self.d_mlp)
+        return 4 * (expert + self.d_mlp + 1)
+
+    def expert_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored experts by name: {"dense"} or {"a", "b"}."""
+        parts = {"a": self.a, "b": self.b, "dense": self.dense}
+        return {name: t for name, t in parts.items() if t is not None}
+
+    def _stacked(self, experts: Sequence[Expert]) -> dict[str, torch.Tensor]:
+        """New experts in the bank's form: dense for a full bank, else rank-r factors (a dense expert is
+        refused there rather than silently truncated)."""
+        if self.full:
+            return {"dense": torch.stack([e.delta().float() for e in experts])}
+        r, kind = self.config.rank, self.config.expert_kind
+        for e in experts:
+            if e.a is None or e.b is None or e.a.shape[0] != r:
+                have = "a dense expert" if e.a is None else f"a rank-{e.a.shape[0]} expert"
+                raise ValueError(f"request {e.request_id}: {have} in a rank-{r} {kind} bank (train it with this "
+                                 "bank's config, or build the bank with expert_kind 'full')")
+        return {"a": torch.stack([e.a.float() for e in experts]), "b": torch.stack([e.b.float() for e in experts])}
 
     def _own(self, rows: Sequence[int]) -> torch.Tensor:
         """[len(rows), m]: which of the bank's keys are each of these neurons' positives."""
@@ -129,9 +173,8 @@ class ExpertBank:
         old_scores = self.scores(added)  # [m_added, n_old]
         owners = [torch.full((len(k),), n_old + i, dtype=torch.long) for i, k in enumerate(keys)]
         owners += [torch.full((len(c),), -2 - (n_old + i), dtype=torch.long) for i, (c, _) in enumerate(negatives)]
-        factors = [e.factors(self.config.rank) for e in experts]
-        self.a = torch.cat([self.a, torch.stack([f[0].float() for f in factors])])
-        self.b = torch.cat([self.b, torch.stack([f[1].float() for f in factors])])
+        for name, stacked in self._stacked(experts).items():
+            setattr(self, name, torch.cat([getattr(self, name), stacked]))
         self.ids += [e.request_id for e in experts]
         self.facts += [dict(f) for f in facts]
         added_owner = torch.cat(owners)
@@ -177,15 +220,17 @@ class ExpertBank:
         """An independent copy (tensors cloned), e.g. to try a batch without changing this bank."""
         bank = ExpertBank(self.layer, self.d_model, self.d_mlp, self.config)
         bank.ids, bank.facts, bank.key_question = list(self.ids), [dict(f) for f in self.facts], list(self.key_question)
-        for name in ("a", "b", "neuron_w", "neuron_b", "keys", "key_owner"):
-            setattr(bank, name, getattr(self, name).clone())
+        for name, t in {**self.expert_tensors(), "neuron_w": self.neuron_w, "neuron_b": self.neuron_b,
+                        "keys": self.keys, "key_owner": self.key_owner}.items():
+            setattr(bank, name, t.clone())
         return bank
 
     def remove(self, rid: str) -> None:
         """Revert one fact: drop its expert, its neuron and its keys."""
         i = self.index(rid)
         keep = [j for j in range(len(self.ids)) if j != i]
-        self.a, self.b = self.a[keep], self.b[keep]
+        for name, t in self.expert_tensors().items():
+            setattr(self, name, t[keep])
         self.neuron_w, self.neuron_b = self.neuron_w[keep], self.neuron_b[keep]
         mask = (self.key_owner != i) & (self.key_owner != -2 - i)
         self.keys = self.keys[mask]
@@ -197,45 +242,61 @@ class ExpertBank:
         del self.facts[i]
         self.version += 1
 
+    # --- the artifact -----------------------------------------------------------------------------
+    def apply(self, model: nn.Module) -> None:
+        """Attach this bank to `model` at its layer (RuntimeError when a bank is attached already)."""
+        if getattr(model, "_scen", None) is not None:
+            raise RuntimeError("a SCEN bank is already attached to this model; revert it first")
+        attach(model, self.layer, self)
+
+    def revert(self, model: nn.Module) -> None:
+        """Detach this bank: the layer's original projection is back (RuntimeError when another bank is
+        attached)."""
+        if attached(model).bank is not self:
+            raise RuntimeError(f"another SCEN bank is attached to layer {self.layer}, not this one")
+        detach(model)
+
+    def without(self, request_ids: Sequence[str]) -> ExpertBank:
+        """A copy without these requests' experts, neurons and keys: an exact revert of those facts
+        (KeyError naming a request the bank does not hold)."""
+        bank = self.copy()
+        for rid in request_ids:
+            bank.remove(rid)
+        return bank
+
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Experts, neurons and edit keys as named tensors; ids and settings as string metadata (the
-        safetensors form, for a file or the content-addressed store)."""
-        tensors = {
-            "a": self.a, "b": self.b, "neuron_w": self.neuron_w, "neuron_b": self.neuron_b,
-            "keys": self.keys, "key_owner": self.key_owner,
-        }
+        """Experts, neurons and edit keys as named tensors; ids and settings as string metadata."""
+        tensors = {**self.expert_tensors(), "neuron_w": self.neuron_w, "neuron_b": self.neuron_b,
+                   "keys": self.keys, "key_owner": self.key_owner}
         meta = {
-            "format": "engramflow.scen/1", "layer": str(self.layer), "d_model": str(self.d_model),
-            "d_mlp": str(self.d_mlp), "ids": json.dumps(self.ids),
-            "facts": json.dumps(self.facts), "key_question": json.dumps(self.key_question),
-            "config": json.dumps(self.config.to_dict()),
+            "layer": str(self.layer), "d_model": str(self.d_model), "d_mlp": str(self.d_mlp),
+            "ids": json.dumps(self.ids), "facts": json.dumps(self.facts),
+            "key_question": json.dumps(self.key_question), "config": json.dumps(self.config.to_dict()),
         }
         return {k: v.contiguous() for k, v in tensors.items()}, meta
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], source: str = "tensors"
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], *, source: str = "tensors",
                      ) -> ExpertBank:
-        if not meta or meta.get("format") != "engramflow.scen/1":
-            raise ValueError(f"{source} is not a SCEN bank (metadata format {meta and meta.get('format')!r})")
+        """Inverse of `to_tensors`; metadata that names another format is a ValueError naming `source`."""
+        fmt = (meta or {}).get(FORMAT_KEY, cls.format)
+        if fmt != cls.format:
+            raise ValueError(f"{source} is not a SCEN bank (metadata format {fmt!r})")
         bank = cls(int(meta["layer"]), int(meta["d_model"]), int(meta["d_mlp"]),
                    ScenConfig(**json.loads(meta["config"])))
         bank.ids = json.loads(meta["ids"])
         bank.facts = json.loads(meta["facts"])
         bank.key_question = json.loads(meta["key_question"])
-        for name, value in tensors.items():
-            setattr(bank, name, value)
+        bank.neuron_w, bank.neuron_b = tensors["neuron_w"], tensors["neuron_b"]
+        bank.keys, bank.key_owner = tensors["keys"], tensors["key_owner"]
+        if not bank.full:
+            bank.a, bank.b = tensors["a"], tensors["b"]
+        elif "dense" in tensors:
+            bank.dense = tensors["dense"]
+        else:  # a full bank stored before full experts were served: its experts were cut to rank r
+            bank.dense = tensors["b"] @ tensors["a"]
         return bank
 
-    def save(self, path: str | Path) -> None:
-        """Experts, neurons and edit keys to one safetensors file; ids and settings in its metadata."""
-        tensors, meta = self.to_tensors()
-        save_file(tensors, str(path), metadata=meta)
-
-    @classmethod
-    def load(cls, path: str | Path) -> ExpertBank:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-        return cls.from_tensors(load_file(str(path)), meta, source=str(path))
 
 def held_out_paraphrases(requests: Sequence[Mapping[str, Any]], config: ScenConfig) -> list[Mapping[str, Any]]:
     """The requests without the paraphrase prompts that trained their neurons (`neuron_paraphrases`),
