@@ -12,8 +12,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from engramflow import editors
 from engramflow.editors.adapters import adapter_for
 from engramflow.editors.artifacts import Artifact, from_safetensors, to_safetensors
+from engramflow.editors.cache import RequestCache
+from engramflow.editors.methods import get_method
 from engramflow.editors.requests import Request, as_requests
 from engramflow.editors.scen import (
     Expert,
@@ -22,6 +25,8 @@ from engramflow.editors.scen import (
     ScenLayer,
     add_requests,
     attach,
+    attached,
+    default_layer,
     detach,
     expert_applied,
     prompt_hidden,
@@ -413,3 +418,79 @@ def test_without_takes_one_fact_out_exactly_and_leaves_the_bank_alone(gpt2, tok,
         assert route(gpt2, tok, [x.prompt for x in others]) == [x.request_id for x in others]
     with pytest.raises(KeyError, match="nobody"):
         bank.without(["nobody"])
+
+
+# --- SCEN as a method -----------------------------------------------------------------------------------
+def _same_bank(x: ExpertBank, y: ExpertBank) -> bool:
+    tx, mx = x.to_tensors()
+    ty, my = y.to_tensors()
+    return mx == my and tx.keys() == ty.keys() and all(torch.equal(tx[k], ty[k]) for k in tx)
+
+
+def test_scen_method_settings_resolve_the_layer_for_the_model(gpt2, tok):
+    m = get_method("scen")
+    assert m.artifact is ExpertBank and not m.needs_stats and m.shardable and m.default_shards == 2
+    assert m.protocols == ("routing",)
+    hp = m.hparams(gpt2)
+    assert hp.layer == default_layer(2) == 1 and m.layers(hp) == [1] and m.hparams(gpt2.config).layer == 1
+    assert m.hparams(gpt2, {"layers": [0, 1], "rank": 3}) == ScenConfig(layer=1, rank=3)
+    assert m.hparams(gpt2, CONFIG) == replace(CONFIG, layer=1)
+    assert m.with_layers(hp, [0]).layer == 0 and m.describe(hp) == hp.to_dict()
+    with pytest.raises(ValueError, match=r"\['bogus', 'nope'\]"):
+        m.hparams(gpt2, {"rank": 3, "bogus": 1, "nope": 2})
+    with pytest.raises(ValueError, match="layer 5 out of range"):
+        m.hparams(gpt2, {"layer": 5})
+    scored = m.scored(_requests()[:1], hp)  # the first paraphrase trains the neuron: held out of scoring
+    assert scored[0].paraphrase_prompts == _requests()[0].paraphrase_prompts[1:]
+
+
+def test_scen_edit_returns_a_bank_and_continues_it_without_changing_the_old_one(gpt2, tok):
+    reqs = _requests()
+    first = editors.edit(gpt2, tok, reqs[:3], method="scen", hparams=CONFIG)
+    assert isinstance(first, ExpertBank) and first.layer == 1 and first.request_ids == [r.request_id for r in reqs[:3]]
+    with first.applied(gpt2):
+        assert route(gpt2, tok, [r.prompt for r in reqs[:3]]) == [r.request_id for r in reqs[:3]]
+        assert all(target_correct(gpt2, tok, r.prompt, r.target_new) for r in reqs[:3])
+    before = first.copy()
+    second = editors.edit(gpt2, tok, reqs[3:], method="scen", hparams=CONFIG, state=first)
+    assert _same_bank(first, before) and first.version == 1  # the state passed in is untouched
+    assert second.request_ids == [r.request_id for r in reqs] and torch.equal(second.a[:3], first.a)
+    with second.applied(gpt2):
+        assert route(gpt2, tok, [r.prompt for r in reqs]) == [r.request_id for r in reqs]
+        assert route(gpt2, tok, UNRELATED) == [None, None]
+        # With a bank attached, experts and keys are computed on the weights without it, and the same
+        # routing layer is attached again after.
+        layer = attached(gpt2)
+        again = editors.edit(gpt2, tok, reqs[3:], method="scen", hparams=CONFIG, state=first)
+        assert attached(gpt2) is layer and layer.bank is second
+    assert _same_bank(again, second)
+    with pytest.raises(ValueError, match="rank"):
+        editors.edit(gpt2, tok, reqs[3:], method="scen", hparams=replace(CONFIG, rank=3), state=first)
+    loaded = from_safetensors(*to_safetensors(second))
+    assert isinstance(loaded, ExpertBank) and _same_bank(loaded, second)
+
+
+def test_scen_experts_precomputed_in_shards_are_the_ones_the_edit_reads(gpt2, tok, tmp_path: Path, monkeypatch):
+    """Stage-1 experts trained in two disjoint shards (as parallel workers do) fill the cache; the edit
+    then trains none and gives the bank a cold edit gives."""
+    reqs = _requests()[:4]
+    cache = RequestCache(tmp_path)
+    trained = [editors.precompute(gpt2, tok, shard, cache, method="scen", hparams=CONFIG)
+               for shard in (reqs[::2], reqs[1::2])]
+    assert trained == [2, 2]
+    written = {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*.safetensors")}
+    assert len(written) == len(reqs)
+    assert editors.precompute(gpt2, tok, reqs, cache, method="scen", hparams=CONFIG) == 0
+    # Neuron settings do not determine an expert; stage-1 settings do.
+    assert editors.precompute(gpt2, tok, reqs, cache, method="scen", hparams=replace(CONFIG, neuron_steps=7)) == 0
+    cold = editors.edit(gpt2, tok, reqs, method="scen", hparams=CONFIG)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("an expert was trained although the cache holds it")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("engramflow.editors.scen.experts.train_expert", no_training)
+        warm = editors.edit(gpt2, tok, reqs, method="scen", hparams=CONFIG, cache=cache)
+    assert {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*.safetensors")} == written
+    assert _same_bank(warm, cold)
+    assert editors.precompute(gpt2, tok, reqs[:1], cache, method="scen", hparams=replace(CONFIG, expert_lr=1e-2)) == 1

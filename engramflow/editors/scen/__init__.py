@@ -8,13 +8,15 @@ whether that expert replaces the layer.
     bank.without([request_id]); bank.save(path); ExpertBank.load(path)
 
 Modules: `prompts` (templates, facts, contrast prompts, keys), `experts` (stage 1), `neurons`
-(stage 2), `bank` (the bank and the continual step), `layer` and `routing` (inference).
+(stage 2), `bank` (the bank and the continual step), `layer` and `routing` (inference). As a method
+of the registry (`editors.edit(..., method="scen")`): `editors.methods.scen`.
 """
 
 from engramflow.editors.scen.bank import AddReport, ExpertBank, add_requests, held_out_paraphrases
 from engramflow.editors.scen.config import ScenConfig, default_layer
 from engramflow.editors.scen.experts import (
     Expert,
+    cached_experts,
     expert_applied,
     experts_from_tensors,
     experts_to_tensors,
@@ -23,11 +25,19 @@ from engramflow.editors.scen.experts import (
 from engramflow.editors.scen.layer import NO_EXPERT, ScenLayer
 from engramflow.editors.scen.neurons import train_neurons
 from engramflow.editors.scen.prompts import prompt_hidden, prompt_target_ids
-from engramflow.editors.scen.routing import attach, attached, detach, reading_at, route, target_correct
+from engramflow.editors.scen.routing import (
+    attach,
+    attached,
+    detach,
+    detached,
+    reading_at,
+    route,
+    target_correct,
+)
 
 __all__ = [
     "NO_EXPERT", "AddReport", "Expert", "ExpertBank", "ScenConfig", "ScenLayer", "add_requests", "attach",
-    "attached", "default_layer", "detach", "expert_applied", "experts_from_tensors", "experts_to_tensors",
-    "held_out_paraphrases", "prompt_hidden", "prompt_target_ids", "reading_at", "route", "target_correct",
-    "train_expert", "train_neurons",
+    "attached", "cached_experts", "default_layer", "detach", "detached", "expert_applied",
+    "experts_from_tensors", "experts_to_tensors", "held_out_paraphrases", "prompt_hidden", "prompt_target_ids",
+    "reading_at", "route", "target_correct", "train_expert", "train_neurons",
 ]

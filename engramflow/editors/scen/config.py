@@ -1,10 +1,15 @@
-"""SCEN settings: one dataclass for experts (stage 1), indexing neurons (stage 2) and routing.
-How the neuron defaults were measured: docs/notes/2026-12-06-scen.md."""
+"""SCEN settings: one dataclass for the edited layer, experts (stage 1), indexing neurons (stage 2)
+and routing. How the defaults were measured: docs/notes/2026-12-06-scen.md."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
+
+# The fields that determine a stage-1 expert (with the weights, the layer and the request).
+EXPERT_FIELDS = ("expert_kind", "rank", "expert_lr", "expert_steps", "expert_stop_nll", "seed")
 
 
 @dataclass(frozen=True)
@@ -12,9 +17,13 @@ class ScenConfig:
     """Hyper-parameters of SCEN (Yao et al., 2024). Defaults are tuned for the small embedded model;
     `llama2_reference()` gives the paper's Llama-2-7B stage-1 settings."""
 
+    # The edited layer; None: `default_layer` of the model (the method resolves it).
+    layer: int | None = None
     # --- stage 1: one expert per fact, a delta on the MLP output projection ----------------------
-    expert_kind: Literal["lora", "full", "svd"] = "lora"  # full: dense delta; svd: dense, then rank-r
-    rank: int = 4  # rank r of the stored delta B @ A
+    # lora: rank-r factors trained as such; full: a dense delta, stored and served dense;
+    # svd: a dense delta trained, then truncated to rank r.
+    expert_kind: Literal["lora", "full", "svd"] = "lora"
+    rank: int = 4  # rank r of a lora / svd expert B @ A
     expert_lr: float = 1e-2
     expert_steps: int = 25
     expert_stop_nll: float | None = 0.02  # stop once the mean target NLL is this low (None: all steps)
@@ -41,6 +50,13 @@ class ScenConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_overrides(self, values: Mapping[str, Any]) -> ScenConfig:
+        """A copy with some fields changed; unknown keys are a ValueError naming them."""
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown SCEN settings {unknown}")
+        return dataclasses.replace(self, **values)
 
     @classmethod
     def llama2_reference(cls) -> ScenConfig:

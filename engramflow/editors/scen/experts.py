@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from engramflow.editors.adapters import adapter_for
+from engramflow.editors.cache import RequestCache
+from engramflow.editors.covariance import model_fingerprint
 from engramflow.editors.keys import eval_mode
 from engramflow.editors.requests import Request
-from engramflow.editors.scen.config import ScenConfig
+from engramflow.editors.scen.config import EXPERT_FIELDS, ScenConfig
 from engramflow.editors.scen.prompts import prompt_target_ids
 
 
@@ -131,6 +133,32 @@ def train_expert(model: nn.Module, tok: Any, request: Mapping[str, Any], layer: 
         a_r, b_r = expert.factors(config.rank)
         return Expert(rid, layer, a_r.contiguous(), b_r.contiguous(), nll=nll, steps=steps, seconds=seconds)
     return expert
+
+
+def cached_experts(model: nn.Module, tok: Any, requests: Sequence[Request], layer: int, config: ScenConfig,
+                   cache: RequestCache | None) -> tuple[list[Expert], int]:
+    """Stage-1 experts for `requests`, read from `cache` where it holds them, else trained and put
+    there; and how many were trained. The key is everything that determines an expert: the weights,
+    the layer, the stage-1 settings and the request (its id seeds the expert)."""
+    if cache is None:
+        return [train_expert(model, tok, r, layer, config) for r in requests], len(requests)
+    fingerprint = model_fingerprint(model)
+    settings = [[name, getattr(config, name)] for name in EXPERT_FIELDS]
+    experts, trained = [], 0
+    for r in requests:
+        key = cache.key("scen-expert", fingerprint, layer, settings, r.prompt, r.subject, r.target_new, r.request_id)
+        hit = cache.get(key)
+        if hit is None:
+            expert = train_expert(model, tok, r, layer, config)
+            cache.put(key, {**expert.tensors(), "stats": torch.tensor([expert.nll, expert.steps, expert.seconds],
+                                                                      dtype=torch.float64)})
+            trained += 1
+        else:
+            nll, steps, seconds = hit.pop("stats").tolist()
+            expert = Expert(r.request_id, layer, hit.get("a"), hit.get("b"), dense=hit.get("dense"), nll=nll,
+                            steps=int(steps), seconds=seconds)
+        experts.append(expert)
+    return experts, trained
 
 
 def experts_to_tensors(experts: Sequence[Expert]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -56,13 +56,16 @@ def attach(model: nn.Module, layer: int, bank: ExpertBank) -> ScenLayer:
             f"{adapter.d_model(model)}, {adapter.d_mlp(model)}"
         )
     detach(model)
-    name = adapter.mlp_out_name(layer)
-    parent_name, _, child = name.rpartition(".")
+    parent_name, _, child = adapter.mlp_out_name(layer).rpartition(".")
     parent = model.get_submodule(parent_name)
     scen = ScenLayer(getattr(parent, child), bank, layer)
+    _install(model, parent, child, scen)
+    return scen
+
+
+def _install(model: nn.Module, parent: nn.Module, child: str, scen: ScenLayer) -> None:
     setattr(parent, child, scen)
     model._scen = (parent, child, scen, model.register_forward_pre_hook(_begin_prompt_hook(scen), with_kwargs=True))
-    return scen
 
 
 def detach(model: nn.Module) -> None:
@@ -74,6 +77,22 @@ def detach(model: nn.Module) -> None:
     handle.remove()
     setattr(parent, child, scen.base)
     del model._scen
+
+
+@contextmanager
+def detached(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the layer's original projection is back (the weights experts and keys are
+    computed on); after it the same routing layer is attached again. A no-op when none is attached."""
+    state = getattr(model, "_scen", None)
+    if state is None:
+        yield model
+        return
+    parent, child, scen, _ = state
+    detach(model)
+    try:
+        yield model
+    finally:
+        _install(model, parent, child, scen)
 
 
 def attached(model: nn.Module) -> ScenLayer:
