@@ -1,8 +1,9 @@
 """The routing layer: the edited MLP output projection plus every expert and indexing neuron.
 
 At the first forward of a prompt all neurons are read at the last prompt token with one matmul;
-a row whose strongest neuron exceeds theta uses that expert's low-rank delta for the rest of the
-sequence (prompt and generated tokens), every other row keeps the original weights.
+a row whose strongest neuron exceeds theta uses that expert's delta (rank-r factors, or the dense
+matrix of a full bank) for the rest of the sequence (prompt and generated tokens), every other row
+keeps the original weights.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from engramflow.editors.scen.model import ExpertBank
+    from engramflow.editors.scen.bank import ExpertBank
 
 NO_EXPERT = -1
 
@@ -49,8 +50,7 @@ class ScenLayer(nn.Module):
             self._tensors = {
                 "neuron_w": bank.neuron_w.to(like.device, torch.float32),
                 "neuron_b": bank.neuron_b.to(like.device, torch.float32),
-                "a": bank.a.to(like.device, like.dtype),
-                "b": bank.b.to(like.device, like.dtype),
+                **{k: t.to(like.device, like.dtype) for k, t in bank.expert_tensors().items()},
             }
             self._version = key
         return self._tensors
@@ -88,7 +88,10 @@ class ScenLayer(nn.Module):
         rows = (self.routes != NO_EXPERT).nonzero().squeeze(1)
         if rows.numel():
             idx = self.routes[rows]
-            z = torch.einsum("ktm,krm->ktr", h[rows], tensors["a"][idx])  # [k, seq, r]
-            delta = torch.einsum("ktr,kdr->ktd", z, tensors["b"][idx])  # [k, seq, d_model]
+            if "dense" in tensors:
+                delta = torch.einsum("ktm,kdm->ktd", h[rows], tensors["dense"][idx])  # [k, seq, d_model]
+            else:
+                z = torch.einsum("ktm,krm->ktr", h[rows], tensors["a"][idx])  # [k, seq, r]
+                delta = torch.einsum("ktr,kdr->ktd", z, tensors["b"][idx])  # [k, seq, d_model]
             out = out.index_add(0, rows, delta.to(out.dtype))
         return out.squeeze(0) if squeeze else out
