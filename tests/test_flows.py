@@ -164,7 +164,7 @@ def test_experts_flow_trains_scen_batch_after_batch(ray_runtime, tiny_organism):
                      "and step = 1").fetchone()[0]
     assert routing >= 0.8 and es >= 0.8
     # reverting one fact removes exactly its expert: its prompt falls back to the base weights
-    from engramflow.editors.metrics import fill_prompt
+    from engramflow.editors.requests import fill_prompt
     from engramflow.editors.scen import route
     from engramflow.ledger import fetch_requests, materialize
     from engramflow.report import revert_edit
@@ -174,6 +174,6 @@ def test_experts_flow_trains_scen_batch_after_batch(ray_runtime, tiny_organism):
     reverted = revert_edit(store, edit[0])
     model, tok = materialize(store, reverted.version)
     requests = fetch_requests(store, second.ids)
-    routes = route(model, tok, [fill_prompt(r) for r in requests])
+    routes = route(model, tok, [fill_prompt(r["prompt"], r["subject"]) for r in requests])
     assert routes[second.ids.index(edit[1])] is None
     assert len(load_bank(store, reverted.version.bank_key)) == 5
