@@ -1,7 +1,7 @@
 """Reports, subject history and revert over a real ledger: a tiny random GPT-2 edited with MEMIT and
 EMMET in two batches each (the editing stage's path: materialise the parent, `editors.edit`, store the
-delta, record the version and the edit rows), scored after every batch by the evaluation stage's
-`score_version`, with the rows written to a temporary store."""
+delta, record the version and the edit rows), scored after every batch with the evaluation stage's
+protocols for the format (`protocols_for`), with the rows written to a temporary store."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from engramflow import editors
 from engramflow.data.ingest import normalise
 from engramflow.editors.adapters import adapter_for
+from engramflow.editors.evaluation import EvalContext, evaluate
 from engramflow.ledger import (
     Version,
     batch_version_id,
@@ -35,7 +36,7 @@ from engramflow.models import load_model
 from engramflow.report import compare_report, subject_history, write_report
 from engramflow.storage import Store
 from engramflow.storage.queries import collapse_step, degradation, edit_row
-from engramflow.tasks.evaluate import score_version, unedited_weights
+from engramflow.tasks.evaluate import protocols_for, unedited_weights
 
 FACTS = [  # subject, prompt, new, true, paraphrase, (neighbour prompt, neighbour target)
     ("Danielle Darrieux", "Danielle Darrieux speaks", "English", "French", "The language of Danielle Darrieux is",
@@ -82,7 +83,8 @@ def _evaluate(store: Store, run_id: str, version: Version, step: int, edited: li
     """What the evaluation stage does for one version: score it against the base, append the rows."""
     model, tok = materialize(store, version)
     originals = unedited_weights(model, [load_artifact(store, key) for key in version.delta_keys])
-    rows = score_version(model, tok, originals, edited, probes, HELD_OUT)
+    ctx = EvalContext(model, tok, edited=edited, probes=probes, texts=HELD_OUT, originals=originals)
+    rows = evaluate(ctx, protocols_for("jsonl", "memit", None))
     for row in rows:
         row.update(run_id=run_id, model_version=version.version_id, step=step)
     store.append("metrics", rows)

@@ -60,6 +60,8 @@ class Loader:
     read: Reader
     convert: Converter
     description: str
+    # The format's default edit-quality protocols (evaluator names, engramflow.editors.evaluation).
+    protocols: tuple[str, ...] = ()
 
 
 @dataclass
@@ -76,13 +78,18 @@ class IngestResult:
 
 
 LOADERS: dict[str, Loader] = {}
+# Default protocols of the formats that carry CounterFact-style requests (target_true, paraphrases,
+# neighbours, generation prompts).
+COUNTERFACT = ("counterfact", "fluency")
 
 
-def register(name: str, read: Reader, description: str) -> Callable[[Converter], Converter]:
-    """Register `convert` (the decorated function) under the format `name`."""
+def register(name: str, read: Reader, description: str,
+             protocols: tuple[str, ...] = ()) -> Callable[[Converter], Converter]:
+    """Register `convert` (the decorated function) under the format `name`, scored by default with
+    `protocols`."""
 
     def deco(convert: Converter) -> Converter:
-        LOADERS[name] = Loader(name, read, convert, description)
+        LOADERS[name] = Loader(name, read, convert, description, protocols)
         return convert
 
     return deco
@@ -270,11 +277,12 @@ def _neighbors_from_prompts(prompts: Any, target: Any, name: str) -> list[dict[s
     return [{"prompt": p, "target": target} for p in items]
 
 
-register("counterfact", read_json_list, "ROME CounterFact JSON list ({} in the prompt)")(_counterfact)
-register("world", read_world, "the embedded world (path `world`) or its CounterFact export")(_counterfact)
+register("counterfact", read_json_list, "ROME CounterFact JSON list ({} in the prompt)", COUNTERFACT)(_counterfact)
+register("world", read_world, "the embedded world (path `world`) or its CounterFact export",
+         COUNTERFACT)(_counterfact)
 
 
-@register("easyedit-counterfact", read_json_list, "EasyEdit/MEND CounterFact split (filled prompts)")
+@register("easyedit-counterfact", read_json_list, "EasyEdit/MEND CounterFact split (filled prompts)", COUNTERFACT)
 def _easyedit_counterfact(raw: Raw) -> list[dict[str, Any]]:
     rec = _record(raw)
     loc = rec.get("locality_prompt")
@@ -303,7 +311,7 @@ def _nq_question(text: Any) -> Any:
     return question
 
 
-@register("zsre", read_json_list, "MEND zsRE (src, alt, answers, rephrase, loc, loc_ans)")
+@register("zsre", read_json_list, "MEND zsRE (src, alt, answers, rephrase, loc, loc_ans)", ("zsre",))
 def _zsre(raw: Raw) -> list[dict[str, Any]]:
     rec = _record(raw)
     loc = rec.get("loc")
@@ -322,7 +330,8 @@ def _zsre(raw: Raw) -> list[dict[str, Any]]:
     }]
 
 
-@register("knowedit", read_json_list, "KnowEdit zsRE (ZsRE-test-all: locality / portability dicts)")
+@register("knowedit", read_json_list, "KnowEdit zsRE (ZsRE-test-all: locality / portability dicts)",
+          ("easyedit", "knowedit"))
 def _knowedit(raw: Raw) -> list[dict[str, Any]]:
     rec = _record(raw)
     locality = _get(rec, "locality", required=False) or {}
@@ -350,7 +359,10 @@ def _knowedit(raw: Raw) -> list[dict[str, Any]]:
     }]
 
 
-@register("mquake", read_json_list, "MQuAKE (each requested_rewrite is one request; questions in extra)")
+# Each rewrite is a single-hop CounterFact-style fact (ES/EM: no paraphrases or neighbours); the
+# multi-hop questions are scored once all of a case's rewrites are edited.
+@register("mquake", read_json_list, "MQuAKE (each requested_rewrite is one request; questions in extra)",
+          ("counterfact", "mquake"))
 def _mquake(raw: Raw) -> list[dict[str, Any]]:
     rec = _record(raw)
     rewrites = _as_list(_get(rec, "requested_rewrite"), "requested_rewrite")
@@ -375,6 +387,7 @@ def _mquake(raw: Raw) -> list[dict[str, Any]]:
     return out
 
 
+# Known facts are for causal tracing: target_new = target_true, so no edit-quality protocol applies.
 @register("known", read_json_list, "ROME known facts (known_1000.json): target_new = target_true = attribute")
 def _known(raw: Raw) -> list[dict[str, Any]]:
     """Known facts are for causal tracing, not editing: the request keeps the fact as it is."""
@@ -417,9 +430,9 @@ def _user(raw: Raw) -> list[dict[str, Any]]:
     }]
 
 
-register("jsonl", read_jsonl, "user JSON lines")(_user)
-register("csv", read_csv, "user CSV with a header (list cells as JSON)")(_user)
-register("parquet", read_parquet, "user Parquet")(_user)
+register("jsonl", read_jsonl, "user JSON lines", COUNTERFACT)(_user)
+register("csv", read_csv, "user CSV with a header (list cells as JSON)", COUNTERFACT)(_user)
+register("parquet", read_parquet, "user Parquet", COUNTERFACT)(_user)
 
 
 # ---- validation ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     artifact = editors.edit(model, tok, requests, method="memit", stats=corpus_or_moments)
     with artifact.applied(model): ...        # or artifact.apply(model) / artifact.revert(model)
+    rows = editors.evaluate(editors.EvalContext(model, tok, edited=requests), ["counterfact", "fluency"])
 
 Names are imported on first use, so importing this package (the CLI does, for --help) costs no torch.
 """
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 _LAZY = {
     "Artifact": "artifacts", "from_safetensors": "artifacts", "to_safetensors": "artifacts",
     "Delta": "delta", "RequestCache": "cache",
+    "EVALUATORS": "evaluation", "EvalContext": "evaluation", "Evaluator": "evaluation", "evaluate": "evaluation",
+    "get_evaluator": "evaluation", "summarize": "evaluation",
     "Hparams": "hparams", "load_preset": "hparams",
     "Method": "methods", "METHODS": "methods", "get_method": "methods",
     "Request": "requests", "RequestError": "requests", "as_requests": "requests",
@@ -38,7 +41,7 @@ __all__ = [*_LAZY, "edit", "precompute"]
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
-        if name == "METHODS":
+        if name in ("METHODS", "EVALUATORS"):
             module.load_all()
         return getattr(module, name)
     try:  # a submodule, e.g. `editors.hparams`

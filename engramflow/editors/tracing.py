@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from engramflow.editors.adapters import Adapter, adapter_for
-from engramflow.editors.metrics import fill_prompt, request_id
+from engramflow.editors.requests import fill_prompt
 
 KINDS = ("hidden", "mlp", "attn")
 ROLES = ("before_subject", "subject_first", "subject_middle", "subject_last", "after_subject", "last")
@@ -236,7 +236,8 @@ def trace_requests(
 ) -> list[Trace]:
     """Trace each request's filled prompt for its subject (`kwargs` as for `trace`)."""
     return [
-        trace(model, tok, fill_prompt(r), r["subject"], noise_scale, rid=request_id(r, i), **kwargs)
+        trace(model, tok, fill_prompt(r["prompt"], r["subject"]), r["subject"], noise_scale,
+              rid=str(r.get("request_id") or i), **kwargs)
         for i, r in enumerate(requests)
     ]
 

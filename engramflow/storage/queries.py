@@ -1,9 +1,13 @@
 """Canned audit and degradation queries over the store's DuckDB views.
 
-Metric protocols written by the evaluation stage:
+Metric protocols written by the evaluation stage (defined by the evaluators of
+`engramflow.editors.evaluation`), among them:
 - `counterfact`, one row per edited request: es, ps, ns (probability comparisons), em, pm, nm;
+- `zsre` / `easyedit`, one row per edited request: token accuracies (efficacy, generality, locality);
 - `probe`, one row per unrelated probe request: top1 (first token of its true object is top-1);
-- `model`, request_id null: perplexity, ge (generation entropy), rel_norm.L<layer> (‖W − W₀‖/‖W₀‖).
+- `model`, request_id null: perplexity, ge (generation entropy), rel_norm.L<layer> (‖W − W₀‖/‖W₀‖),
+  norm_ratio.L<layer> (‖W‖/‖W₀‖);
+- `scen`, SCEN runs: routing, probe_routing.
 `step` is the batch index after which a value was measured; -1 is the unedited model.
 
 A version evaluated twice (a resumed run that re-scored it) has two rows per value; every query
@@ -25,12 +29,13 @@ run_metrics AS (
                                ORDER BY recorded_at DESC) = 1
 )"""
 
-# ES/PS/NS/EM/PM/NM of every edit made so far, after each batch.
+# The per-request metrics of one protocol (CounterFact: ES/PS/NS/EM/PM/NM) of every edit made so far,
+# after each batch.
 DEGRADATION = f"""
 WITH {RUN_METRICS}
 SELECT step, metric, avg(value) AS value, count(*) AS n
 FROM run_metrics
-WHERE protocol = 'counterfact'
+WHERE protocol = $protocol
 GROUP BY step, metric
 ORDER BY step, metric
 """
@@ -41,7 +46,7 @@ WITH {RUN_METRICS}
 SELECT m.step, m.metric, avg(m.value) AS value, count(*) AS n
 FROM run_metrics m
 JOIN (SELECT DISTINCT request_id FROM edits WHERE run_id = $run AND batch_index = $batch) e USING (request_id)
-WHERE m.protocol = 'counterfact' AND m.step >= $batch
+WHERE m.protocol = $protocol AND m.step >= $batch
 GROUP BY m.step, m.metric
 ORDER BY m.step, m.metric
 """
@@ -122,14 +127,16 @@ def run_query(store: Store, query: str, **params: object) -> pa.Table:
         con.close()
 
 
-def degradation(store: Store, run_id: str) -> pa.Table:
-    """(step, metric, value, n): mean CounterFact metrics of all edits so far after each batch."""
-    return run_query(store, DEGRADATION, run=run_id)
+def degradation(store: Store, run_id: str, protocol: str = "counterfact") -> pa.Table:
+    """(step, metric, value, n): mean `protocol` metrics (CounterFact by default) of all edits so far
+    after each batch."""
+    return run_query(store, DEGRADATION, run=run_id, protocol=protocol)
 
 
-def retention(store: Store, run_id: str, batch: int = 0) -> pa.Table:
-    """(step, metric, value, n): mean CounterFact metrics of batch `batch`'s edits at each later step."""
-    return run_query(store, RETENTION, run=run_id, batch=batch)
+def retention(store: Store, run_id: str, batch: int = 0, protocol: str = "counterfact") -> pa.Table:
+    """(step, metric, value, n): mean `protocol` metrics (CounterFact by default) of batch `batch`'s
+    edits at each later step."""
+    return run_query(store, RETENTION, run=run_id, batch=batch, protocol=protocol)
 
 
 def drift(store: Store, run_id: str) -> pa.Table:

@@ -1,25 +1,65 @@
-"""Evaluation stage: score one model version and append its `metrics` rows in one write.
+"""Evaluation stage: score one model version with the run's protocols and append its `metrics` rows in
+one write.
 
-After batch `step` of a run: CounterFact ES/PS/NS/EM/PM/NM of every edit made so far (retention),
-top-1 accuracy of a fixed set of unrelated probe facts, perplexity on held-out text, generation
-entropy, and the growth of each edited matrix relative to the unedited one. A version whose rows
-are already recorded is not evaluated again (a resumed flow continues its metrics, never doubles them).
+The protocols come from the registry (`engramflow.editors.evaluation`): by default the ingest format's
+edit-quality protocols, the probe / perplexity / weight-norm drift every run records, and what the
+editing method adds (`protocols_for`). After batch `step` every edit made so far is scored, as the
+method wants it scored (`Method.scored`). Protocols that compare against the unedited model get their
+reference from the run's base model, computed once per request and cached under
+`<home>/cache/references/`. A version whose rows are already recorded is not evaluated again (a
+resumed flow continues its metrics, never doubles them).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from engramflow.ledger import Version, fetch_requests, load_delta, materialize
+from engramflow.home import get_home
+from engramflow.ledger import (
+    Version,
+    base_version_id,
+    default_store,
+    fetch_requests,
+    load_artifact,
+    materialize,
+    stable_id,
+)
 from engramflow.storage import Store
 from engramflow.tasks.stats import corpus_texts
 
 PERPLEXITY_TEXTS = 200  # held-out lines of the corpus for perplexity
-GENERATION_REQUESTS = 10  # edited requests whose generation prompts measure fluency
+DRIFT = ("probe", "perplexity", "norms")  # what every run records besides its format's protocols
+
+
+def protocols_for(fmt: str, method: str, override: Sequence[str] | None = None) -> list[str]:
+    """The protocols a run of `method` on ingest format `fmt` is scored with: `override` (`--eval`) if
+    given, else the format's defaults, the drift protocols and the method's own. ValueError naming the
+    known protocols for an unknown one."""
+    from engramflow.data.ingest import get_loader
+    from engramflow.editors.evaluation import load_all
+    from engramflow.editors.methods import get_method
+
+    if override is not None:
+        names = list(override)
+        if not names:
+            raise ValueError("no evaluation protocol given")
+    else:
+        names = [*get_loader(fmt).protocols, *DRIFT, *get_method(method).protocols]
+    known = load_all()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown evaluation protocol(s) {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(sorted(known))}")
+    return list(dict.fromkeys(names))
 
 
 def is_evaluated(store: Store, run_id: str, version_id: str) -> bool:
@@ -43,64 +83,77 @@ def unedited_weights(model: Any, deltas: list[Any]) -> dict[int, Any]:
     return originals
 
 
-def score_version(model: Any, tok: Any, originals: dict[int, Any], edited: list[dict[str, Any]],
-                  probes: list[dict[str, Any]], ppl_texts: list[str]) -> list[dict[str, Any]]:
-    """Metric rows (request_id, protocol, metric, value) of `model`; `originals` holds W₀ per edited layer."""
-    from engramflow.editors import metrics
-
-    # Neighbours that are prompts of this run's edits are meant to move: NS is read on the others.
-    edited = metrics.without_edited_neighbours(edited)
-    scen = getattr(model, "_scen", None)
-    if scen is not None:
-        from engramflow.editors.scen import attached, held_out_paraphrases
-
-        # SCEN's neurons may have trained on some paraphrases: PS is read on the others only.
-        edited = held_out_paraphrases(edited, attached(model).bank.config)
-    rows = metrics.counterfact_metrics(model, tok, edited) if edited else []
-    with_generation = [r for r in edited[:GENERATION_REQUESTS] if r.get("generation_prompts")]
-    if with_generation:
-        ge = metrics.generation_entropy_metrics(model, tok, with_generation, max_new_tokens=20)
-        rows.append({"request_id": None, "protocol": "model", "metric": "ge",
-                     "value": sum(r["value"] for r in ge) / len(ge)})
-    scores = metrics.score_targets(model, tok, [(metrics.fill_prompt(p), p["target_true"]) for p in probes])
-    rows += [{"request_id": p["request_id"], "protocol": "probe", "metric": "top1",
-              "value": float(s.predicted[0] == s.target[0])} for p, s in zip(probes, scores, strict=True)]
-    if scen is not None:
-        rows += routing_rows(model, tok, edited, probes)
-    rows.append({"request_id": None, "protocol": "model", "metric": "perplexity",
-                 "value": metrics.perplexity(model, tok, ppl_texts)})
-    if originals:
-        for r in metrics.weight_norm_metrics(model, originals):
-            name = "rel_norm" if r["metric"] == "delta_rel" else r["metric"]
-            rows.append({"request_id": None, "protocol": "model", "metric": f"{name}.L{r['layer']}",
-                         "value": r["value"]})
-    return rows
+# --- references: what a protocol compares against, from the unedited model -------------------------
+def reference_dir(base_model: str, protocol: str) -> Path:
+    """Where the references of `protocol` on `base_model` are cached: one JSON file per computed set
+    of requests, {request id: value}; files are only ever added, so concurrent evaluations are safe."""
+    return get_home() / "cache" / "references" / base_version_id(base_model) / protocol
 
 
-def routing_rows(model: Any, tok: Any, edited: list[dict[str, Any]], probes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """SCEN routing accuracy: an edit prompt must reach its own expert, an unrelated probe none."""
-    from engramflow.editors import metrics
-    from engramflow.editors.scen import route
+def cached_reference(base_model: str, protocol: str) -> dict[str, Any]:
+    """Every cached reference value of `protocol` on `base_model`, by request id."""
+    values: dict[str, Any] = {}
+    directory = reference_dir(base_model, protocol)
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else ():
+        values.update(json.loads(path.read_text()))
+    return values
 
-    chosen = route(model, tok, [metrics.fill_prompt(r) for r in edited + probes])
-    wanted = [r["request_id"] for r in edited] + [None] * len(probes)
-    return [{"request_id": r["request_id"], "protocol": "scen", "metric": "routing" if i < len(edited) else "probe_routing",
-             "value": float(c == w)} for i, (r, c, w) in enumerate(zip(edited + probes, chosen, wanted, strict=True))]
+
+def save_reference(base_model: str, protocol: str, values: dict[str, Any]) -> Path:
+    """Cache `values` (request id -> JSON-able) under the hash of their request ids, atomically."""
+    directory = reference_dir(base_model, protocol)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{stable_id('ref', sorted(values))}.json"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(values, f)
+    os.replace(tmp, path)
+    return path
+
+
+def _unedited(version: Version) -> bool:
+    return not version.delta_keys and not version.state_key
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_version(run_id: str, version: Version, step: int, edited_ids: list[str], probe_ids: list[str],
-                     device: str = "cpu", corpus: str = "world") -> int:
-    """Evaluate `version` after batch `step`; returns the number of metric rows written (0 if the
-    version was evaluated before)."""
-    store = Store()
+                     protocols: list[str], method: str, hparams: dict | None, device: str = "cpu",
+                     corpus: str = "world") -> int:
+    """Evaluate `version` after batch `step` with `protocols` (`protocols_for`), the edits scored as
+    `method` with `hparams` wants them; returns the number of metric rows written (0 if the version was
+    evaluated before)."""
+    from engramflow.editors.evaluation import EvalContext, asked_prompts, evaluate, get_evaluator
+    from engramflow.editors.methods import get_method
+    from engramflow.editors.requests import as_requests
+
+    store = default_store()
     if is_evaluated(store, run_id, version.version_id):
         return 0
-    model, tok = materialize(store, version, device=device)
-    originals = unedited_weights(model, [load_delta(store, key) for key in version.delta_keys])
-    texts = corpus_texts(corpus)[-PERPLEXITY_TEXTS:]
-    rows = score_version(model, tok, originals, fetch_requests(store, edited_ids),
-                         fetch_requests(store, probe_ids), texts)
+    m = get_method(method)
+    compared = [e for e in map(get_evaluator, protocols) if e.needs_reference]
+    requests = as_requests(fetch_requests(store, edited_ids))
+    reference = {e.name: cached_reference(version.base_model, e.name) for e in compared}
+    missing = {e.name: [r for r in requests if r.request_id not in reference[e.name]] for e in compared}
+    loaded = None
+    if any(missing.values()):
+        # The unedited model, loaded before the version so that two copies are never held at once.
+        base = Version(base_version_id(version.base_model), version.base_model, ())
+        loaded = materialize(store, base, device=device)
+        hp = m.hparams(loaded[0], hparams)
+        for e in compared:
+            if missing[e.name]:
+                new = e.reference(*loaded, as_requests(m.scored(missing[e.name], hp)))
+                save_reference(version.base_model, e.name, new)
+                reference[e.name].update(new)
+        if not _unedited(version):
+            loaded = None
+    model, tok = loaded or materialize(store, version, device=device)
+    ctx = EvalContext(
+        model, tok, edited=m.scored(requests, m.hparams(model, hparams)),
+        probes=fetch_requests(store, probe_ids), texts=corpus_texts(corpus)[-PERPLEXITY_TEXTS:],
+        originals=unedited_weights(model, [load_artifact(store, key) for key in version.delta_keys]),
+        reference=reference, asked=asked_prompts(requests))
+    rows = evaluate(ctx, protocols)
     for row in rows:
         row.update(run_id=run_id, model_version=version.version_id, step=step)
     store.append("metrics", rows)
