@@ -244,6 +244,12 @@ def revert_edit(store: Store, edit_id_: str, run_id: str | None = None) -> Rever
         raise ValueError(f"edit {edit_id_!r} has no artifact recorded, so there is nothing to remove")
     run = run_id or edit["run_id"]
     parent = get_version(store, q.latest_version(store, run)["version_id"])
+    if not load_artifact(store, key).stacks:
+        # A state artifact was replaced by every later batch: the edit lives on in the newest state.
+        if parent.state_key is None:
+            raise ValueError(f"edit {edit_id_!r}: {parent.version_id}, the newest version of run {run!r}, has no "
+                             "state artifact to remove it from")
+        key = parent.state_key
     if key not in (*parent.delta_keys, parent.state_key):
         raise ValueError(f"edit {edit_id_!r}: its artifact {key[:12]}… is not in {parent.version_id}, the newest "
                          f"version of run {run!r} (already reverted, or never part of that run)")

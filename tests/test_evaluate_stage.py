@@ -16,7 +16,7 @@ from engramflow.data.ingest import LOADERS, ingest_file
 from engramflow.editors.delta import Delta
 from engramflow.editors.evaluation import load_all
 from engramflow.editors.methods import METHODS, get_method
-from engramflow.ledger import ensure_base_version, materialize, record_version
+from engramflow.ledger import default_store, ensure_base_version, materialize, record_version
 from engramflow.storage import Store
 from engramflow.storage.queries import degradation
 from engramflow.tasks import evaluate as stage
@@ -62,7 +62,7 @@ def test_a_zsre_run_is_scored_with_the_zsre_protocol(tiny_organism: Path, shared
     with gzip.open(shared_data / "zsre" / "zsre_mend_eval_portability_gpt4.json.gz", "rt") as f:
         records = json.load(f)[:4]
     (tmp_path / "zsre.json").write_text(json.dumps(records))
-    store = Store()
+    store = default_store()
     ids = ingest_file(tmp_path / "zsre.json", "zsre", store).request_ids
     assert len(ids) == 4
     base = ensure_base_version(store, str(tiny_organism))
@@ -86,7 +86,7 @@ def test_a_zsre_run_is_scored_with_the_zsre_protocol(tiny_organism: Path, shared
     torch.manual_seed(0)
     delta = Delta({layer: (torch.randn(128, 4) * 2, torch.randn(1024, 4)) for layer in (0, 1)}, algorithm="random")
     key = store.put_tensors(*editors.to_safetensors(delta))
-    edited = record_version(store, f"{run}-b0000", base, [key], run)
+    edited = record_version(store, f"{run}-b0000", base, delta, key, run)
     loads = []
 
     def counting(store: Store, version, device: str = "cpu"):

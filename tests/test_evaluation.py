@@ -254,9 +254,12 @@ def test_probe_top1_reads_the_first_token_of_the_true_object(model, tiny_tokeniz
     assert [r["value"] for r in rows] == [float(s.predicted[0] == s.target[0]) for s in scores]
 
 
-def test_routing_needs_an_attached_bank(model, tiny_tokenizer) -> None:
-    with pytest.raises(ValueError, match="SCEN expert bank"):
-        get_evaluator("routing")(EvalContext(model, tiny_tokenizer, edited=[_request()]))
+def test_routing_without_a_bank_routes_nothing(model, tiny_tokenizer) -> None:
+    """The unedited model of a SCEN run has no bank: no edit prompt reaches an expert, every probe
+    reaches none (the baseline the bank starts from)."""
+    rows = get_evaluator("routing")(EvalContext(model, tiny_tokenizer, edited=[_request()],
+                                                probes=[_request()]))
+    assert [(r["metric"], r["value"]) for r in rows] == [("routing", 0.0), ("probe_routing", 1.0)]
 
 
 def test_knowedit_portability_reads_either_format(model, tiny_tokenizer) -> None:

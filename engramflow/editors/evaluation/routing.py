@@ -1,8 +1,9 @@
 """SCEN routing (Yao et al. 2024): does each prompt reach the right expert?
 
 Rows carry protocol `scen`: `routing` per edited request (its edit prompt is routed to its own
-expert) and `probe_routing` per probe (an unrelated prompt is routed to no expert). Needs a SCEN
-expert bank attached to the model.
+expert) and `probe_routing` per probe (an unrelated prompt is routed to no expert). A model with no
+bank attached (the unedited model of a SCEN run) routes every prompt to no expert: routing 0, probe
+routing 1, the baseline a bank starts from.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ class Routing(Evaluator):
     def __call__(self, ctx: EvalContext) -> list[Row]:
         from engramflow.editors.scen import attached, route
 
+        prompts = [r.prompt for r in (*ctx.edited, *ctx.probes)]
         try:
             attached(ctx.model)
-        except RuntimeError:
-            raise ValueError("the routing protocol needs a SCEN expert bank attached to the model "
-                             "(editors.scen.attach); this model has none") from None
-        chosen = iter(route(ctx.model, ctx.tok, [r.prompt for r in (*ctx.edited, *ctx.probes)]))
+        except RuntimeError:  # no bank: nothing routes anywhere
+            chosen = iter([None] * len(prompts))
+        else:
+            chosen = iter(route(ctx.model, ctx.tok, prompts))
         rows: list[Row] = []
         for r in ctx.edited:
             rows += self.rows(r.request_id, {"routing": float(next(chosen) == r.request_id)})
