@@ -7,6 +7,7 @@ home back into `ENGRAMFLOW_HOME` so that Ray workers and subprocesses inherit it
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 DEFAULT_HOME = ".engramflow"
@@ -22,13 +23,25 @@ QUIET_ENV = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "TOKENIZERS_PARALLELISM": "false",
+    # Third-party progress bars (transformers' "Loading weights" in every task) off; ours are the stages'.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    # Prefect's "Task run ... Finished in state Completed()" for every task: the flows report progress.
+    "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "WARNING",
 }
 
 
 def quiet_env() -> None:
-    """Set the telemetry-off / offline variables unless the user set them already."""
+    """Set the telemetry-off / offline variables unless the user set them already; without a terminal
+    (output redirected to a log) also the switches that keep ANSI colours out of Ray's and Prefect's lines."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    if not sys.stdout.isatty():
+        for key, value in PLAIN_OUTPUT_ENV.items():
+            os.environ.setdefault(key, value)
+
+
+# Colour off when output is not a terminal: Ray's worker-line prefixes, Prefect's log levels, rich.
+PLAIN_OUTPUT_ENV = {"RAY_COLOR_PREFIX": "0", "PREFECT_LOGGING_COLORS": "false", "NO_COLOR": "1"}
 
 
 def set_home(path: str | os.PathLike[str]) -> Path:

@@ -52,6 +52,7 @@ RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Passed to Ray workers as they are (besides PREFECT_API_URL / PREFECT_HOME).
 WORKER_ENV_KEYS = (
     *home.QUIET_ENV,
+    *home.PLAIN_OUTPUT_ENV,
     "ENGRAMFLOW_HOME",
     "ENGRAMFLOW_STORE",
     "ENGRAMFLOW_MODEL_CACHE",
@@ -96,13 +97,27 @@ def _worker_env(api_url: str) -> dict[str, str]:
     return env
 
 
+class _DropServerNotices(logging.Filter):
+    """Prefect announces the temporary server it starts with a link to its docs; ours lives and dies with
+    the command, so the notice (and the run links a UI would serve) is noise in a user's terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not message.startswith(("Starting temporary server", "Stopping temporary server"))
+
+
 def _start_prefect_server(stack: ExitStack) -> str:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
+    notices = _DropServerNotices()
+    prefect_log = logging.getLogger("prefect")
+    prefect_log.addFilter(notices)
+    stack.callback(prefect_log.removeFilter, notices)
     # Prefect read its settings at import, possibly before quiet_env() raised the 20 s default.
     server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
     stack.callback(server.stop)
+    log.debug("Prefect API for this command at %s", server.api_url)
     return server.api_url
 
 
@@ -191,9 +206,12 @@ def pipeline_runtime(
             api_url = _start_prefect_server(stack)
             timings["prefect_server"] = time.perf_counter() - start
             stack.callback(APILogWorker.drain_all, timeout=5)  # ship buffered run logs before the server stops
-        stack.enter_context(
-            temporary_settings({PREFECT_API_URL: api_url, PREFECT_HOME: os.environ["PREFECT_HOME"]})
-        )
+        settings = {PREFECT_API_URL: api_url, PREFECT_HOME: os.environ["PREFECT_HOME"]}
+        if started_server:  # no UI outlives the command: no "View at <url>" links to a server that is gone
+            from prefect.settings import PREFECT_UI_URL
+
+            settings[PREFECT_UI_URL] = ""
+        stack.enter_context(temporary_settings(settings))
         reused_ray = ray.is_initialized()
         start = time.perf_counter()
         local_ray = _connect_ray(address, num_cpus, num_gpus, _worker_env(api_url))

@@ -374,19 +374,26 @@ def test_every_preset_loads() -> None:
 
 
 def test_statistics_exclusion_removes_exactly_the_listed_texts(model, tok) -> None:
-    """Σ k kᵀ over the corpus minus Σ k kᵀ over it without the texts naming the edited subjects equals
-    Σ k kᵀ over exactly those texts (the sum check), and no excluded text's keys are left in."""
-    from engramflow.editors.covariance import excluding
+    """Σ k kᵀ over the corpus minus Σ k kᵀ with the sentences naming the edited subjects left out equals
+    Σ k kᵀ over exactly those sentences' keys (the sum check): nothing else moves, nothing of them stays."""
+    from engramflow.editors.covariance import without
 
     subjects = [r["subject"] for r in REQUESTS]  # Anna Berg, Tom Vale, Mark Jr.
-    named = [t for t in CORPUS if any(s in t for s in subjects)]
-    assert len(named) == 3
-    full = partial_stats(model, tok, [1], CORPUS)[1]
-    kept = partial_stats(model, tok, [1], list(excluding(CORPUS, subjects)))[1]
-    only = partial_stats(model, tok, [1], named)[1]
-    assert full.n == kept.n + only.n
-    torch.testing.assert_close(full.sum_kk - kept.sum_kk, only.sum_kk, rtol=1e-5, atol=1e-4)
-    assert list(excluding(CORPUS, [])) == CORPUS
+    corpus = [*CORPUS, "Anna Berg was born in Paris. Lena Kors speaks Dutch. Tom Vale works for Acme Labs."]
+    full = partial_stats(model, tok, [1], corpus)
+    kept = partial_stats(model, tok, [1], corpus, exclude=subjects)
+    only = partial_stats(model, tok, [1], corpus, exclude=subjects, mentions_only=True)
+    n_mentioned = sum(len(tok(t)["input_ids"]) for t in CORPUS if any(s in t for s in subjects)) + len(
+        tok("Anna Berg was born in Paris.")["input_ids"]) + len(tok(" Tom Vale works for Acme Labs.")["input_ids"])
+    assert only[1].n == n_mentioned and full[1].n == kept[1].n + only[1].n
+    torch.testing.assert_close(full[1].sum_kk - kept[1].sum_kk, only[1].sum_kk, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(without(full, only)[1].sum_kk, kept[1].sum_kk, rtol=1e-5, atol=1e-4)
+    # within a budget of tokens, the sum check holds over the same prefix of the stream
+    cut = partial_stats(model, tok, [1], corpus, max_tokens=40)
+    cut_only = partial_stats(model, tok, [1], corpus, max_tokens=40, exclude=subjects, mentions_only=True)
+    cut_kept = partial_stats(model, tok, [1], corpus, max_tokens=40, exclude=subjects)
+    assert cut[1].n == 40 == cut_kept[1].n + cut_only[1].n
+    torch.testing.assert_close(cut[1].sum_kk - cut_only[1].sum_kk, cut_kept[1].sum_kk, rtol=1e-5, atol=1e-4)
 
 
 def test_statistics_count_samples_like_the_references(model, tok) -> None:

@@ -28,11 +28,21 @@ COMMANDS: list[str] = [
 ]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from engramflow import __version__
+
+        print(f"engramflow {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     home_dir: Path | None = typer.Option(
         None, "--home", envvar="ENGRAMFLOW_HOME", help="Directory for all artifacts and state."
     ),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
 ) -> None:
     home.quiet_env()
     home.set_home(home_dir or home.DEFAULT_HOME)

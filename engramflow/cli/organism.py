@@ -6,13 +6,13 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    group = typer.Typer(help="The embedded model: a small GPT-2 pretrained here on a fact set.",
+    group = typer.Typer(help="The embedded model: a small Llama-architecture LM pretrained here on a fact set.",
                         no_args_is_help=True)
 
     @group.command("build", help="Build the organism on the embedded world (or on --facts); print its "
                                  "accuracies and, as the last line, its model directory.")
     def build(
-        tiny: bool = typer.Option(False, "--tiny", help="The tiny world and model (for tests; < 60 s)."),
+        tiny: bool = typer.Option(False, "--tiny", help="The tiny world and model (the tests' model; about a minute on two idle cores)."),
         facts: str | None = typer.Option(None, "--facts", help="Train on this fact file instead of the world."),
         fmt: str | None = typer.Option(None, "--format", "-f", help="Ingest format of --facts."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),

@@ -55,17 +55,24 @@ def iter_texts(corpus: Corpus) -> Iterator[str]:
                 yield text.strip()
 
 
-def excluding(texts: Iterable[str], subjects: Iterable[str]) -> Iterator[str]:
-    """The texts that mention none of `subjects` (exact substrings): preservation statistics without
-    what is said about the subjects being edited, whose keys the edit must be free to move."""
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def mention_spans(text: str, pattern: re.Pattern[str]) -> list[tuple[int, int]]:
+    """Character spans of the sentences of `text` that mention a subject `pattern` matches: what is
+    said about the subjects being edited, whose keys an edit must be free to move."""
+    mentions = [m.span() for m in pattern.finditer(text)]
+    if not mentions:
+        return []
+    # Sentence ends, except at a period that belongs to a mention (a subject such as "Mark Jr.").
+    cuts = [m.end() for m in _SENTENCE_END.finditer(text) if not any(s <= m.start() - 1 < e for s, e in mentions)]
+    bounds = zip([0, *cuts], [*cuts, len(text)], strict=True)
+    return [(a, b) for a, b in bounds if any(a <= s < b for s, _ in mentions)]
+
+
+def subject_pattern(subjects: Iterable[str]) -> re.Pattern[str] | None:
     names = sorted({s for s in subjects if s}, key=len, reverse=True)
-    if not names:
-        yield from texts
-        return
-    pattern = re.compile("|".join(map(re.escape, names)))
-    for text in texts:
-        if not pattern.search(text):
-            yield text
+    return re.compile("|".join(map(re.escape, names))) if names else None
 
 
 def shard_texts(corpus: Corpus, n_shards: int) -> list[list[str]]:
@@ -80,25 +87,33 @@ def shard_texts(corpus: Corpus, n_shards: int) -> list[list[str]]:
 def partial_stats(
     model: nn.Module, tok, layers: int | Sequence[int], texts: Iterable[str], *,
     max_tokens: int | None = None, max_samples: int | None = None, seq_len: int = 128, batch_size: int = 32,
+    exclude: Sequence[str] = (), mentions_only: bool = False,
 ) -> dict[int, SecondMoment]:
-    """Σ k kᵀ and n at each layer over `texts` (each truncated to `seq_len` tokens, padding not
-    counted), stopping after `max_tokens` keys or `max_samples` texts (the references' unit); all layers
-    in one forward pass, cut after the highest layer."""
+    """Σ k kᵀ and n at each layer over the keys of `texts` (each truncated to `seq_len` tokens): the
+    first `max_tokens` tokens of the stream or its first `max_samples` texts (the references' unit).
+
+    `exclude` (subjects) leaves out the keys of the sentences that mention any of them, in their
+    context, so the excluded statistics are exactly the full ones minus those keys; `mentions_only`
+    sums just those (texts without a mention cost no forward pass), which is how a batch's exclusion
+    is subtracted from statistics computed once. All layers in one forward pass, cut after the highest."""
     layers = [layers] if isinstance(layers, int) else list(layers)
     device = next(model.parameters()).device
-    d_mlp = None
+    pattern = subject_pattern(exclude)
+    if mentions_only and pattern is None:
+        raise ValueError("mentions_only needs subjects to exclude")
     stats: dict[int, SecondMoment] = {}
-    n = 0
+    budget = max_tokens
     batch: list[list[int]] = []
+    keep: list[list[bool]] = []  # per text in the batch: which of its tokens are counted
 
     def flush() -> None:
-        nonlocal n, d_mlp
         ids, mask = pad_batch(batch, device)
         run_until_stop(model, ids, mask)
-        real = mask.bool()
-        take = int(real.sum()) if max_tokens is None else min(int(real.sum()), max_tokens - n)
+        wanted = torch.zeros_like(mask, dtype=torch.bool)
+        for row, flags in enumerate(keep):
+            wanted[row, : len(flags)] = torch.tensor(flags, device=device)
         for layer in layers:
-            k = seen[layer][real][:take].float()  # [tokens, d_mlp]
+            k = seen[layer][wanted].float()  # [tokens, d_mlp]
             if layer not in stats:
                 stats[layer] = SecondMoment(torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64,
                                                         device=device), 0)
@@ -107,26 +122,51 @@ def partial_stats(
             # statistics at 0.76x a bare forward on the tiny organism; the running sum is where
             # precision is lost over millions of tokens.
             stats[layer].sum_kk += (k.T @ k).double()
-            stats[layer].n += take
-        n += take
+            stats[layer].n += k.shape[0]
         batch.clear()
+        keep.clear()
 
     with eval_mode(model), capture_mlp_inputs(model, layers) as seen:
         for i, text in enumerate(texts):
-            if max_samples is not None and i >= max_samples:
+            if (max_samples is not None and i >= max_samples) or budget == 0:
                 break
-            ids = tok(text, truncation=True, max_length=seq_len)["input_ids"]
-            if ids:
-                batch.append(ids)
+            enc = tok(text, truncation=True, max_length=seq_len, return_offsets_mapping=pattern is not None)
+            ids = enc["input_ids"]
+            if budget is not None:  # the budget is a prefix of the token stream, mentions or not
+                ids = ids[:budget]
+                budget -= len(ids)
+            if not ids:
+                continue
+            flags = [True] * len(ids)
+            if pattern is not None:
+                spans = mention_spans(text, pattern)
+                # Special tokens (BOS: an empty span) belong to no sentence: they stay.
+                mentioned = [start != end and any(a <= start < b for a, b in spans)
+                             for start, end in enc["offset_mapping"][: len(ids)]]
+                flags = mentioned if mentions_only else [not m for m in mentioned]
+            if not any(flags):
+                continue
+            batch.append(ids)
+            keep.append(flags)
             if len(batch) == batch_size:
                 flush()
-                if max_tokens is not None and n >= max_tokens:
-                    break
-        if batch and (max_tokens is None or n < max_tokens):
+        if batch:
             flush()
     if not stats:
+        if mentions_only:  # nothing in the sample mentions these subjects: nothing to subtract
+            raise NoMentions(f"no text of the sample mentions {len(exclude)} subjects")
         raise ValueError(f"no tokens in the corpus for layers {layers}")
     return {layer: SecondMoment(s.sum_kk.cpu(), s.n) for layer, s in stats.items()}
+
+
+class NoMentions(ValueError):
+    """`partial_stats(mentions_only=True)` found no key to sum."""
+
+
+def without(full: dict[int, SecondMoment], mentions: dict[int, SecondMoment]) -> dict[int, SecondMoment]:
+    """Statistics minus the keys `partial_stats(mentions_only=True)` summed over the same sample."""
+    return {layer: SecondMoment(m.sum_kk - mentions[layer].sum_kk, m.n - mentions[layer].n) if layer in mentions
+            else m for layer, m in full.items()}
 
 
 def reduce_stats(partials: Iterable[dict[int, SecondMoment]]) -> dict[int, SecondMoment]:
@@ -167,8 +207,8 @@ def layer_stats(
     max_samples: int | None = None, exclude: Sequence[str] = (), cache_dir: str | Path | None = None,
     seq_len: int = 128, batch_size: int = 32,
 ) -> dict[int, SecondMoment]:
-    """Second moments at `layers` over `corpus` (without the texts that mention any of `exclude`),
-    read from / written to `cache_dir` (one safetensors file per layer, keyed by everything above)."""
+    """Second moments at `layers` over `corpus` (without the keys of the sentences that mention any of
+    `exclude`), read from / written to `cache_dir` (one safetensors file per layer, keyed by all above)."""
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     fp, cid = model_fingerprint(model), corpus_id(corpus)
     limit = f"n{max_tokens}" + ("" if max_samples is None else f"-t{max_samples}")
@@ -188,8 +228,8 @@ def layer_stats(
             out[layer] = SecondMoment(t["sum_kk"], int(t["n"].item()))
     missing = [layer for layer in layers if layer not in out]
     if missing:
-        computed = partial_stats(model, tok, missing, excluding(iter_texts(corpus), exclude), max_tokens=max_tokens,
-                                 max_samples=max_samples, seq_len=seq_len, batch_size=batch_size)
+        computed = partial_stats(model, tok, missing, iter_texts(corpus), max_tokens=max_tokens,
+                                 max_samples=max_samples, seq_len=seq_len, batch_size=batch_size, exclude=exclude)
         for layer, s in computed.items():
             out[layer] = s
             path = path_for(layer)

@@ -99,11 +99,12 @@ def _run(flow_name: str, cfg: RunConfig, run_id: str) -> None:
     corpus = cfg.corpus or "world"
     stats_keys = None
     spec = method.statistics(resolved_hparams(method, base, hparams))
+    stats_args: tuple = ()
     if spec is not None:
-        subjects = [r.subject for r in fetch_requests(store, edit_ids)] if spec.exclude_edited else None
-        stats_keys = compute_stats(base, spec.layers, corpus, cfg.stats_shards,
-                                   spec.max_tokens if cfg.stats_tokens is None else cfg.stats_tokens, cfg.device,
-                                   spec.max_samples, subjects)
+        stats_args = (base, spec.layers, corpus, cfg.stats_shards,
+                      spec.max_tokens if cfg.stats_tokens is None else cfg.stats_tokens, cfg.device, spec.max_samples)
+        stats_keys = compute_stats(*stats_args)
+    subject_of = {r.request_id: r.subject for r in fetch_requests(store, edit_ids)}
     shards = cfg.shards or method.default_shards
 
     evaluations = []
@@ -123,9 +124,14 @@ def _run(flow_name: str, cfg: RunConfig, run_id: str) -> None:
                             for i in range(shards) if batch[i::shards]]
                 for future in work:
                     future.result()  # a failed shard fails the batch here, before anything is committed
+            # Statistics without what the sample says about this batch's subjects (the method's choice):
+            # the keys of those sentences, summed over the same sample, are subtracted in the edit.
+            minus = None
+            if spec is not None and spec.exclude_edited and index not in committed_before:
+                minus = compute_stats(*stats_args, mentions_of=sorted({subject_of[r] for r in batch}))
             with remote_options(**cpu_options(cfg.device, cfg.edit_cpus)):
                 parent = edit_batch.submit(run_id, index, parent, batch, cfg.algorithm, hparams, stats_keys,
-                                           cfg.device).result()
+                                           cfg.device, minus).result()
             # Evaluating version i overlaps with editing batch i + 1: both only read version i.
             done_so_far = edit_ids[: (index + 1) * cfg.batch_size]
             evaluations.append(evaluate_version.submit(run_id, parent, index, done_so_far, probe_ids, protocols,

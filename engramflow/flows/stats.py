@@ -14,12 +14,12 @@ from engramflow.tasks.stats import stats_reduce, stats_shard
 
 
 def compute_stats(base: Version, layers: list[int], corpus: str, n_shards: int, max_tokens: int | None,
-                  device: str = "cpu", max_samples: int | None = None, exclude: list[str] | None = None,
+                  device: str = "cpu", max_samples: int | None = None, mentions_of: list[str] | None = None,
                   ) -> dict[int, str]:
-    """layer -> tensor key of Σ k kᵀ over `corpus` (without the texts naming any of `exclude`); shards
-    already recorded are not recomputed."""
+    """layer -> tensor key of Σ k kᵀ over `corpus` (with `mentions_of`: only over the sentences that
+    mention those subjects, in the same sample); shards already recorded are not recomputed."""
     with remote_options(**gpu_options(device)):
-        shards = [stats_shard.submit(base, layers, corpus, s, n_shards, max_tokens, max_samples, exclude)
+        shards = [stats_shard.submit(base, layers, corpus, s, n_shards, max_tokens, max_samples, mentions_of)
                   for s in range(n_shards)]
         return stats_reduce.submit([f.result() for f in shards]).result()
 

@@ -49,10 +49,12 @@ def precompute_shard(parent: Version, request_ids: list[str], method: str, hpara
 
 @task(name="edit-batch", cache_policy=NO_CACHE)
 def edit_batch(run_id: str, batch_index: int, parent: Version, request_ids: list[str], method: str,
-               hparams: dict[str, Any] | None, stats_keys: dict[int, str] | None, device: str = "cpu") -> Version:
+               hparams: dict[str, Any] | None, stats_keys: dict[int, str] | None, device: str = "cpu",
+               stats_minus: dict[int, str] | None = None) -> Version:
     """Edit `request_ids` into `parent` (continuing its state artifact, reading any per-request work
-    `precompute_shard` left in the cache); return the committed version (the recorded one if this batch
-    was committed by an earlier, interrupted run: no edit is ever applied twice)."""
+    `precompute_shard` left in the cache; preservation statistics less `stats_minus`, the keys of the
+    batch's own subjects' sentences); return the committed version (the recorded one if this batch was
+    committed by an earlier, interrupted run: no edit is ever applied twice)."""
     use_assigned_cpus()
     store = default_store()
     version_id = batch_version_id(run_id, batch_index)
@@ -63,7 +65,7 @@ def edit_batch(run_id: str, batch_index: int, parent: Version, request_ids: list
         model, tok = materialize(store, parent, device=device, with_state=False)
         state = load_artifact(store, parent.state_key) if parent.state_key else None
         history = [load_artifact(store, key) for key in parent.delta_keys]
-        stats = load_moments(store, stats_keys) if stats_keys else None
+        stats = load_moments(store, stats_keys, stats_minus) if stats_keys else None
         start = time.perf_counter()
         artifact = editors.edit(model, tok, fetch_requests(store, request_ids), method=method, hparams=hparams,
                                 stats=stats, cache=request_cache(), state=state, history=history)

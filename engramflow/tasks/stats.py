@@ -27,7 +27,7 @@ def corpus_texts(corpus: str) -> list[str]:
 
 
 def excluded_id(subjects: list[str]) -> str | None:
-    """A short id of the subjects whose texts a statistic leaves out (None: none left out)."""
+    """A short id of the subjects whose sentences a statistic sums alone (None: the whole sample)."""
     return stable_id("x", sorted(set(subjects))) if subjects else None
 
 
@@ -44,26 +44,36 @@ def recorded_stats(store: Store, ids: list[str]) -> dict[str, dict[str, Any]]:
 
 @task(name="covariance-shard", cache_policy=NO_CACHE)
 def stats_shard(base: Version, layers: list[int], corpus: str, shard: int, n_shards: int,
-                max_tokens: int | None, max_samples: int | None = None, exclude: list[str] | None = None,
+                max_tokens: int | None, max_samples: int | None = None, mentions_of: list[str] | None = None,
                 ) -> dict[int, str]:
     """Partial second moments of shard `shard` of `n_shards` (at most `max_tokens` keys or `max_samples`
-    texts in all shards together, without the texts that mention any of `exclude`): layer -> stats id
-    (computed only if not recorded already)."""
-    from engramflow.editors.covariance import excluding, partial_stats, shard_texts
+    texts in all shards together): layer -> stats id (computed only if not recorded already). With
+    `mentions_of` (subjects), only the keys of the sentences that mention them, from the same sample:
+    what a batch's exclusion subtracts. A shard whose sample mentions none of them records n = 0."""
+    import torch
+
+    from engramflow.editors.covariance import NoMentions, partial_stats, shard_texts
 
     store = default_store()
-    exclude = exclude or []
-    excluded = excluded_id(exclude)
+    excluded = excluded_id(mentions_of or [])
     ids = {layer: stats_id(base.base_model, layer, corpus, shard, n_shards, max_tokens, max_samples, excluded)
            for layer in layers}
     done = recorded_stats(store, list(ids.values()))
     todo = [layer for layer in layers if ids[layer] not in done]
     if todo:
         model, tok = materialize(store, base)
-        texts = shard_texts(list(excluding(corpus_texts(corpus), exclude)), n_shards)[shard]
+        texts = shard_texts(corpus_texts(corpus), n_shards)[shard]
         per_shard = None if max_tokens is None else max(1, max_tokens // n_shards)
         samples = None if max_samples is None else max(1, max_samples // n_shards)
-        partial = partial_stats(model, tok, todo, texts, max_tokens=per_shard, max_samples=samples)
+        try:
+            partial = partial_stats(model, tok, todo, texts, max_tokens=per_shard, max_samples=samples,
+                                    exclude=mentions_of or (), mentions_only=bool(mentions_of))
+        except NoMentions:
+            from engramflow.editors.adapters import adapter_for
+            from engramflow.editors.covariance import SecondMoment
+
+            d_mlp = adapter_for(model).d_mlp(model)
+            partial = {layer: SecondMoment(torch.zeros(d_mlp, d_mlp, dtype=torch.float64), 0) for layer in todo}
         rows = []
         for layer, moment in partial.items():
             key = store.put_tensors({"sum_kk": moment.sum_kk.contiguous()}, {"n": str(moment.n)})
@@ -92,9 +102,13 @@ def stats_reduce(shard_ids: list[dict[int, str]]) -> dict[int, str]:
             for layer, m in reduce_stats(partials).items()}
 
 
-def load_moments(store: Store, keys: dict[int, str]) -> dict[int, Any]:
-    """layer -> SecondMoment from the reduced statistics' tensor keys."""
-    from engramflow.editors.covariance import SecondMoment
+def load_moments(store: Store, keys: dict[int, str], minus: dict[int, str] | None = None) -> dict[int, Any]:
+    """layer -> SecondMoment from the reduced statistics' tensor keys, less the keys of `minus` (a batch's
+    mentions of its subjects, summed over the same sample)."""
+    from engramflow.editors.covariance import SecondMoment, without
 
-    return {int(layer): SecondMoment(store.get_tensors(key)["sum_kk"], int(store.tensor_metadata(key)["n"]))
-            for layer, key in keys.items()}
+    def read(keys: dict[int, str]) -> dict[int, Any]:
+        return {int(layer): SecondMoment(store.get_tensors(key)["sum_kk"], int(store.tensor_metadata(key)["n"]))
+                for layer, key in keys.items()}
+
+    return without(read(keys), read(minus)) if minus else read(keys)
