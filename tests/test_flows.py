@@ -3,6 +3,7 @@ resume-after-SIGKILL ledger."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -47,8 +48,10 @@ def test_sequential_flow_records_every_batch_once(sequential_run):
                     f"where run_id = '{run_id}' order by batch_index").fetchall()
     for (_, _, after), (_, before, _) in zip(chain, chain[1:], strict=False):
         assert before == after
-    status = con.execute(f"select status from runs_latest where run_id = '{run_id}'").fetchone()[0]
+    status, params = con.execute(f"select status, params from runs_latest where run_id = '{run_id}'").fetchone()
     assert status == "completed"
+    settings = json.loads(params)["settings"]  # the method's resolved settings, recorded with the run
+    assert (settings["preset"], settings["layers"], settings["layers_from"]) == ("memit-organism", [0], "preset")
 
 
 def test_sequential_flow_edits_take_and_retention_is_measured(sequential_run):
@@ -82,6 +85,9 @@ def test_edit_flow_single_batch_with_located_layer(ray_runtime, tiny_organism):
     layers = store.connect().execute(f"select layers from edits where run_id = '{run_id}'").fetchone()[0]
     traced = store.connect().execute("select count(*) from traces").fetchone()[0]
     assert traced > 0 and len(layers) == 1
+    params = store.connect().execute(f"select params from runs_latest where run_id = '{run_id}'").fetchone()[0]
+    settings = json.loads(params)["settings"]
+    assert settings["layers"] == list(layers) and settings["layers_from"] == "causal tracing (--layers auto)"
 
 
 def _ledger(store: Store, run_id: str) -> tuple[int, int, int]:

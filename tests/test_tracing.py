@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers as T
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -33,6 +34,18 @@ def _config(family: str, vocab: int):
         "llama": lambda: LlamaConfig(**llama_like),
         "mistral": lambda: MistralConfig(**llama_like),
         "qwen2": lambda: Qwen2Config(**llama_like),
+        # (initialiser std 0.2: at these families' 0.02 the noise barely moves a random model's output)
+        "qwen3": lambda: T.Qwen3Config(**llama_like, head_dim=8, initializer_range=0.2),
+        "gemma": lambda: T.GemmaConfig(**llama_like, head_dim=8, initializer_range=0.2),
+        "gemma2": lambda: T.Gemma2Config(**llama_like, head_dim=8, initializer_range=0.2),
+        "gemma3_text": lambda: T.Gemma3TextConfig(**llama_like, head_dim=8, initializer_range=0.2),
+        "olmo": lambda: T.OlmoConfig(**llama_like, initializer_range=0.2),
+        "olmo2": lambda: T.Olmo2Config(**llama_like, initializer_range=0.2),
+        "phi3": lambda: T.Phi3Config(**llama_like, pad_token_id=0, initializer_range=0.2),
+        # OPT-350m's shape: embeddings narrower than d_model, post-norm blocks, tokens flattened in the MLP
+        "opt": lambda: T.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=N_LAYERS, num_attention_heads=4,
+                                   max_position_embeddings=64, word_embed_proj_dim=16, do_layer_norm_before=False,
+                                   init_std=0.2, **common),
     }[family]()
 
 

@@ -182,8 +182,7 @@ def capture_mlp_inputs(model: nn.Module, layers: Sequence[int], stop: bool = Tru
                 raise StopForward
         return hook
 
-    handles = [adapter.mlp_out_module(model, layer).register_forward_pre_hook(hook_for(layer))
-               for layer in layers]
+    handles = [adapter.hook(model, layer, adapter.mlp_out, hook_for(layer), pre=True) for layer in layers]
     try:
         yield seen
     finally:

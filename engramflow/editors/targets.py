@@ -171,7 +171,11 @@ def compute_targets(
     gradients add up (the loss is a sum over sequences)."""
     device = next(model.parameters()).device
     n = len(requests)
-    unembed = adapter_for(model).unembed_module(model)
+    adapter = adapter_for(model)
+
+    def unembed(hidden: torch.Tensor) -> torch.Tensor:
+        return adapter.logits(model, hidden)
+
     h = current_outputs(model, tok, requests, layer, fact_token)  # [d_model, n]
     p = build_prompts(tok, requests, prefixes, fact_token)
     n_rewrite = torch.zeros(n, device=device).index_add_(

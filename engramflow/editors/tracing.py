@@ -55,10 +55,13 @@ def window_for_depth(n_layers: int, reference_window: int = 10, reference_depth:
 def embedding_noise_scale(model: nn.Module, factor: float = 3.0, token_ids: Iterable[int] | None = None) -> float:
     """`factor` x the std of the token embeddings (the whole vocabulary, or `token_ids`, e.g. the
     tokens of all subjects of a corpus as ROME does)."""
-    weight = adapter_for(model).embed_module(model).weight
+    embed = adapter_for(model).embed_module(model)
+    weight = embed.weight
     if token_ids is not None:
         weight = weight[torch.tensor(sorted(set(token_ids)), device=weight.device)]
-    return factor * weight.float().std().item()
+    # Gemma's embedding multiplies its rows by sqrt(d_model) in its forward: the noise is added to that output.
+    scale = float(getattr(embed, "embed_scale", 1.0))
+    return factor * scale * weight.float().std().item()
 
 
 def subject_token_range(offsets: Sequence[tuple[int, int]], prompt: str, subject: str) -> tuple[int, int]:
@@ -102,12 +105,7 @@ class _Patcher:
     """Forward hooks: noise on the subject embeddings, clean outputs restored where masks say."""
 
     def __init__(self, model: nn.Module, adapter: Adapter) -> None:
-        n_layers = adapter.n_layers(model)
-        self.modules: dict[str, list[nn.Module]] = {
-            "hidden": [adapter.block(model, layer) for layer in range(n_layers)],
-            "mlp": [adapter.mlp_module(model, layer) for layer in range(n_layers)],
-            "attn": [adapter.attn_module(model, layer) for layer in range(n_layers)],
-        }
+        self.model, self.adapter, self.n_layers = model, adapter, adapter.n_layers(model)
         self.embed = adapter.embed_module(model)
         self.noise: torch.Tensor | None = None  # [B, T, d], zero outside the subject
         self.masks: dict[tuple[str, int], torch.Tensor] = {}  # [B, T, 1] bool
@@ -116,9 +114,13 @@ class _Patcher:
 
     def __enter__(self) -> _Patcher:
         self.handles = [self.embed.register_forward_hook(self._embed_hook)]
-        for kind, modules in self.modules.items():
-            for layer, module in enumerate(modules):
-                self.handles.append(module.register_forward_hook(self._restore_hook(kind, layer)))
+        a, model = self.adapter, self.model
+        for layer in range(self.n_layers):
+            self.handles += [
+                a.block(model, layer).register_forward_hook(self._restore_hook("hidden", layer)),
+                a.hook(model, layer, a.mlp, self._restore_hook("mlp", layer)),  # OPT's fc2 sees flat tokens
+                a.attn_module(model, layer).register_forward_hook(self._restore_hook("attn", layer)),
+            ]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -180,9 +182,10 @@ def trace(
             answer = next(t for t, (s, e) in zip(full["input_ids"], full["offset_mapping"], strict=True) if e > len(prompt))
 
         generator = torch.Generator().manual_seed(seed)
-        d_model = adapter.d_model(model)
-        sample_noise = torch.zeros(samples, n_tokens, d_model)
-        sample_noise[:, start:end] = noise_scale * torch.randn(samples, end - start, d_model, generator=generator)
+        # The embedding's width: OPT-350m embeds in 512 dimensions and projects up to d_model 1024.
+        d_embed = adapter.embed_module(model).weight.shape[1]
+        sample_noise = torch.zeros(samples, n_tokens, d_embed)
+        sample_noise[:, start:end] = noise_scale * torch.randn(samples, end - start, d_embed, generator=generator)
         sample_noise = sample_noise.to(device)
 
         configs: list[tuple[str, int, int] | None] = [None]  # None: the corrupted baseline

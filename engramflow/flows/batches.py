@@ -69,12 +69,15 @@ def run_batches(flow_name: str, cfg: RunConfig, run_id: str | None = None) -> st
     store = default_store()
     run_id = run_id or cfg.run_id(flow_name)
 
+    settings: dict[str, Any] = {}  # the method's resolved settings, recorded with the run once known
+
     def record(status: str, error: str | None = None) -> None:
-        record_run(store, run_id, flow_name, cfg.algorithm, cfg.model, cfg.dataset, cfg.params(), status, error)
+        params = {**cfg.params(), **({"settings": settings} if settings else {})}
+        record_run(store, run_id, flow_name, cfg.algorithm, cfg.model, cfg.dataset, params, status, error)
 
     record("running")
     try:
-        _run(flow_name, cfg, run_id)
+        _run(flow_name, cfg, run_id, settings)
     except BaseException as err:
         record("failed", f"{type(err).__name__}: {err}")
         raise
@@ -82,7 +85,7 @@ def run_batches(flow_name: str, cfg: RunConfig, run_id: str | None = None) -> st
     return run_id
 
 
-def _run(flow_name: str, cfg: RunConfig, run_id: str) -> None:
+def _run(flow_name: str, cfg: RunConfig, run_id: str, settings: dict[str, Any]) -> None:
     log = get_run_logger()
     store = default_store()
     method = get_method(cfg.algorithm)
@@ -98,9 +101,15 @@ def _run(flow_name: str, cfg: RunConfig, run_id: str) -> None:
     with remote_options(**gpu):
         layers = _layers(cfg, base, edit_ids[: min(20, len(edit_ids))])
     hparams = method_hparams(method, cfg, base, layers)
+    resolved = resolved_hparams(method, base, hparams)
+    settings.update(method.describe(resolved))
+    if cfg.layers == "auto" and "layers_from" in settings:
+        settings["layers_from"] = "causal tracing (--layers auto)"
+    log.info("settings: %s", ", ".join(f"{k} {settings[k]}" for k in ("preset", "layers_from", "layers", "layer")
+                                       if settings.get(k) not in (None, "")))
     corpus = cfg.corpus or "world"
     stats_keys = None
-    spec = method.statistics(resolved_hparams(method, base, hparams))
+    spec = method.statistics(resolved)
     stats_args: tuple = ()
     if spec is not None:
         stats_args = (base, spec.layers, corpus, cfg.stats_shards,

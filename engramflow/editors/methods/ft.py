@@ -57,7 +57,6 @@ def fine_tune(model: nn.Module, tok, requests: Sequence[Request], hp: Hparams, p
     chunks = [PromptChunk.build(p, g, device)
               for g in length_groups(rewrite, [len(p.seqs[i]) for i in rewrite], hp.chunk_size)]
     n_tokens = sum(len(c.t_id) for c in chunks)
-    unembed = adapter.unembed_module(model)
     opt = torch.optim.Adam([dW], lr=hp.ft_lr)
 
     def hook(_module, args, output):
@@ -70,7 +69,7 @@ def fine_tune(model: nn.Module, tok, requests: Sequence[Request], hp: Hparams, p
                 grad = torch.zeros_like(dW)
                 for c in chunks:
                     hidden = c.final_hidden(model)
-                    logp = unembed(hidden[c.t_seq, c.t_pos]).float().log_softmax(-1)
+                    logp = adapter.logits(model, hidden[c.t_seq, c.t_pos]).float().log_softmax(-1)
                     nll = -logp.gather(1, c.t_id[:, None]).sum() / n_tokens
                     grad += torch.autograd.grad(nll, [dW])[0]
                 opt.zero_grad()

@@ -72,9 +72,13 @@ class ScenLayer(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         out = self.base(h)
-        squeeze = h.dim() == 2  # an unbatched [seq, d_mlp] call
-        if squeeze:
-            h, out = h.unsqueeze(0), out.unsqueeze(0)
+        # [tokens, d_mlp]: an unbatched call, or a family that flattens the batch's tokens (OPT), whose
+        # rows are the model input's [batch, seq].
+        flat = h.dim() == 2
+        if flat:
+            ids = self.last_input_ids
+            shape = tuple(ids.shape) if ids is not None and ids.numel() == h.shape[0] else (1, h.shape[0])
+            h, out = h.view(*shape, h.shape[-1]), out.view(*shape, out.shape[-1])
         tensors = self._bank_tensors(h)
         if self._fresh:
             self.routes = self._decide(h, tensors)
@@ -94,4 +98,4 @@ class ScenLayer(nn.Module):
                 z = torch.einsum("ktm,krm->ktr", h[rows], tensors["a"][idx])  # [k, seq, r]
                 delta = torch.einsum("ktr,kdr->ktd", z, tensors["b"][idx])  # [k, seq, d_model]
             out = out.index_add(0, rows, delta.to(out.dtype))
-        return out.squeeze(0) if squeeze else out
+        return out.reshape(-1, out.shape[-1]) if flat else out

@@ -94,10 +94,12 @@ def prompt_hidden(model: nn.Module, tok: Any, prompts: Sequence[str], layer: int
     """The MLP hidden (down-projection input) of `layer` at every token of each prompt, [len_i, d_mlp]
     float32 each. Reads the base layer even when a SCEN layer is attached (experts do not change it).
     Right-padded batches: with a causal mask the real tokens never see the padding."""
-    module = adapter_for(model).mlp_out_module(model, layer)
-    module = module.base if isinstance(module, ScenLayer) else module
+    adapter = adapter_for(model)
+    name = adapter.mlp_out
+    if isinstance(adapter.mlp_out_module(model, layer), ScenLayer):
+        name += ".base"
     captured: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
+    handle = adapter.hook(model, layer, name, lambda _m, args, _out: captured.append(args[0]))
     device = model_device(model)
     rows: list[torch.Tensor] = []
     try:
