@@ -12,6 +12,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from engramflow import editors, home
+from engramflow.editors.artifacts import ArtifactError
 from engramflow.ledger import (
     Version,
     batch_version_id,
@@ -68,7 +69,11 @@ def edit_batch(run_id: str, batch_index: int, parent: Version, request_ids: list
         artifact = editors.edit(model, tok, fetch_requests(store, request_ids), method=method, hparams=hparams,
                                 stats=stats, cache=request_cache(), state=state, history=history)
         seconds = time.perf_counter() - start
-        version = record_version(store, version_id, parent, artifact, save_artifact(store, artifact), run_id,
+        try:
+            key = save_artifact(store, artifact)
+        except ArtifactError as err:  # NaN or infinite entries: never stored, never committed
+            raise ArtifactError(f"run {run_id}, batch {batch_index}: {err}; nothing was committed") from None
+        version = record_version(store, version_id, parent, artifact, key, run_id,
                                  note=f"{method} batch {batch_index} ({len(request_ids)} edits)")
     write_edit_rows(store, run_id, batch_index, version, seconds)
     return version

@@ -13,6 +13,7 @@ resumed flow continues its metrics, never doubles them).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -35,6 +36,8 @@ from engramflow.ledger import (
 )
 from engramflow.storage import Store
 from engramflow.tasks.stats import corpus_texts
+
+log = logging.getLogger(__name__)
 
 PERPLEXITY_TEXTS = 200  # held-out lines of the corpus for perplexity
 DRIFT = ("probe", "perplexity", "norms")  # what every run records besides its format's protocols
@@ -95,7 +98,11 @@ def cached_reference(base_model: str, protocol: str) -> dict[str, Any]:
     values: dict[str, Any] = {}
     directory = reference_dir(base_model, protocol)
     for path in sorted(directory.glob("*.json")) if directory.is_dir() else ():
-        values.update(json.loads(path.read_text()))
+        try:
+            values.update(json.loads(path.read_text()))
+        except (ValueError, UnicodeDecodeError) as err:  # damaged: recomputed, never used
+            log.warning("ignoring and removing a damaged reference file %s (%s); it will be recomputed", path, err)
+            path.unlink(missing_ok=True)
     return values
 
 
