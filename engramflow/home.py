@@ -57,6 +57,11 @@ def models_dir() -> Path:
     return path
 
 
+def cache_dir(name: str) -> Path:
+    """A cache under the home (`requests`: per-request results, `references`: evaluation references)."""
+    return get_home() / "cache" / name
+
+
 def state_dir(name: str) -> Path:
     """A directory for service state (prefect, ray, ...) under the home."""
     path = get_home() / "state" / name

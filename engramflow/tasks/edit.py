@@ -33,7 +33,7 @@ def request_cache() -> editors.RequestCache:
     """Per-request results (optimised targets, SCEN experts) kept under the home: runs that start from
     the same weights (every method of `engramflow demo`, every point of a sweep) compute each once, and
     the shards of `precompute_shard` hand theirs to `edit_batch`."""
-    return editors.RequestCache(home.get_home() / "cache" / "requests")
+    return editors.RequestCache(home.cache_dir("requests"))
 
 
 @task(name="precompute", cache_policy=NO_CACHE)

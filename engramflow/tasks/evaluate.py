@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from engramflow.home import get_home
+from engramflow.home import cache_dir
 from engramflow.ledger import (
     Version,
     base_version_id,
@@ -90,7 +90,7 @@ def unedited_weights(model: Any, deltas: list[Any]) -> dict[int, Any]:
 def reference_dir(base_model: str, protocol: str) -> Path:
     """Where the references of `protocol` on `base_model` are cached: one JSON file per computed set
     of requests, {request id: value}; files are only ever added, so concurrent evaluations are safe."""
-    return get_home() / "cache" / "references" / base_version_id(base_model) / protocol
+    return cache_dir("references") / base_version_id(base_model) / protocol
 
 
 def cached_reference(base_model: str, protocol: str) -> dict[str, Any]:
