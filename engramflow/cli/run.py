@@ -70,13 +70,23 @@ def _options(
                                       "experts) is split into, one core or GPU each (default: the method's)."),
     run_id: str | None = typer.Option(None, help="Explicit run id (default: derived from the options)."),
 ):
-    from engramflow.flows.config import RunConfig
+    from dataclasses import replace
+
+    from engramflow.flows.config import ConfigError, RunConfig, check_against_model, check_options
     from engramflow.models import resolve_model
 
-    cfg = RunConfig(algorithm=algorithm, model=resolve_model(model), dataset=dataset, format=format, n=n,
-                    batch_size=batch_size or n, hparams=_hparams(hparams), layers=layers, window=window,
-                    corpus=corpus, n_probes=n_probes, protocols=eval.split(",") if eval else None, seed=seed,
-                    device=device, shards=shards)
+    # Every option is checked here, cheapest first, before any service starts or anything is recorded.
+    try:
+        cfg = RunConfig(algorithm=algorithm, model=model, dataset=dataset, format=format, n=n,
+                        batch_size=n if batch_size is None else batch_size, hparams=_hparams(hparams),
+                        layers=layers, window=window, corpus=corpus, n_probes=n_probes,
+                        protocols=[p.strip() for p in eval.split(",")] if eval else None, seed=seed, device=device,
+                        shards=shards)
+        check_options(cfg)  # before resolving: `organism` may be built, a missing directory never is
+        cfg = replace(cfg, model=resolve_model(model))
+        check_against_model(cfg)
+    except ConfigError as err:
+        raise typer.BadParameter(err.reason, param_hint=err.option) from None
     return cfg, ray_address, run_id
 
 
