@@ -75,7 +75,7 @@ def run_batches(flow_name: str, cfg: RunConfig, run_id: str | None = None) -> st
     try:
         _run(flow_name, cfg, run_id)
     except BaseException as err:
-        record("failed", f"{type(err).__name__}: {err}")
+        record("failed", "; ".join([f"{type(err).__name__}: {err}", *getattr(err, "__notes__", [])]))
         raise
     record("completed")
     return run_id

@@ -56,6 +56,9 @@ class ConfigError(ValueError):
         super().__init__(f"{option}: {reason}")
         self.option, self.reason = option, reason
 
+    def __reduce__(self) -> tuple:  # picklable: it may cross a process boundary (Ray, Prefect)
+        return (type(self), (self.option, self.reason), self.__dict__)
+
 
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or os.sep + "." in spec or spec in (".", "..")

@@ -76,6 +76,17 @@ class StoreDamageError(Exception):
     def __str__(self) -> str:  # KeyError subclasses would otherwise print their message quoted
         return str(self.args[0]) if self.args else ""
 
+    def __reduce__(self) -> tuple:
+        # Rebuilt from the message and attributes: the error crosses process boundaries (Ray, Prefect),
+        # and the subclasses' __init__ take other arguments than the message.
+        return (_rebuild_error, (type(self), self.args), self.__dict__)
+
+
+def _rebuild_error(cls: type[Exception], args: tuple) -> Exception:
+    err = Exception.__new__(cls)
+    err.args = args
+    return err
+
 
 class DamagedPartError(StoreDamageError):
     """A Parquet part of a table that cannot be read; `paths` names the files."""

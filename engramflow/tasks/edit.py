@@ -12,7 +12,6 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from engramflow import editors, home
-from engramflow.editors.artifacts import ArtifactError
 from engramflow.ledger import (
     Version,
     batch_version_id,
@@ -25,7 +24,7 @@ from engramflow.ledger import (
     save_artifact,
     write_edit_rows,
 )
-from engramflow.runtime import use_assigned_cpus
+from engramflow.runtime import retry_on_worker_loss, use_assigned_cpus
 from engramflow.tasks.stats import load_moments
 
 
@@ -61,19 +60,25 @@ def edit_batch(run_id: str, batch_index: int, parent: Version, request_ids: list
     try:
         version = get_version(store, version_id)
     except KeyError:
-        model, tok = materialize(store, parent, device=device, with_state=False)
-        state = load_artifact(store, parent.state_key) if parent.state_key else None
-        history = [load_artifact(store, key) for key in parent.delta_keys]
-        stats = load_moments(store, stats_keys) if stats_keys else None
-        start = time.perf_counter()
-        artifact = editors.edit(model, tok, fetch_requests(store, request_ids), method=method, hparams=hparams,
-                                stats=stats, cache=request_cache(), state=state, history=history)
-        seconds = time.perf_counter() - start
         try:
-            key = save_artifact(store, artifact)
-        except ArtifactError as err:  # NaN or infinite entries: never stored, never committed
-            raise ArtifactError(f"run {run_id}, batch {batch_index}: {err}; nothing was committed") from None
+            model, tok = materialize(store, parent, device=device, with_state=False)
+            state = load_artifact(store, parent.state_key) if parent.state_key else None
+            history = [load_artifact(store, key) for key in parent.delta_keys]
+            stats = load_moments(store, stats_keys) if stats_keys else None
+            start = time.perf_counter()
+            artifact = editors.edit(model, tok, fetch_requests(store, request_ids), method=method, hparams=hparams,
+                                    stats=stats, cache=request_cache(), state=state, history=history)
+            seconds = time.perf_counter() - start
+            key = save_artifact(store, artifact)  # an artifact with NaN or infinite entries is never stored
+        except Exception as err:
+            err.add_note(f"editing batch {batch_index} of run {run_id} on {parent.version_id}: nothing was committed")
+            raise
         version = record_version(store, version_id, parent, artifact, key, run_id,
                                  note=f"{method} batch {batch_index} ({len(request_ids)} edits)")
     write_edit_rows(store, run_id, batch_index, version, seconds)
     return version
+
+
+# Both check the ledger (and the cache) before they write: rerunning one whose worker died applies nothing twice.
+retry_on_worker_loss(precompute_shard)
+retry_on_worker_loss(edit_batch)

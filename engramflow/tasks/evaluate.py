@@ -34,6 +34,7 @@ from engramflow.ledger import (
     materialize,
     stable_id,
 )
+from engramflow.runtime import retry_on_worker_loss
 from engramflow.storage import Store
 from engramflow.tasks.stats import corpus_texts
 
@@ -165,3 +166,6 @@ def evaluate_version(run_id: str, version: Version, step: int, edited_ids: list[
         row.update(run_id=run_id, model_version=version.version_id, step=step)
     store.append("metrics", rows)
     return len(rows)
+
+
+retry_on_worker_loss(evaluate_version)  # a version whose metrics are recorded is not scored again

@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from engramflow import home
 from engramflow.ledger import Version, default_store, fetch_requests, materialize, stable_id
+from engramflow.runtime import retry_on_worker_loss
 
 
 @task(name="locate", cache_policy=NO_CACHE)
@@ -31,3 +32,6 @@ def locate_layers(base: Version, request_ids: list[str], window: int = 1, sample
         store.append_once("traces", rows, "trace_id")  # two runs tracing the same sample write it once
     chosen = tracing.choose_layers(rows, memit_window=window)
     return [chosen["rome_layer"]] if window == 1 else chosen["memit_layers"]
+
+
+retry_on_worker_loss(locate_layers)  # a finished trace is reused, its rows written once

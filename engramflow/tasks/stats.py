@@ -14,6 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from engramflow.ledger import Version, default_store, materialize, stable_id
+from engramflow.runtime import retry_on_worker_loss
 from engramflow.storage import Store
 
 
@@ -113,3 +114,8 @@ def load_moments(store: Store, keys: dict[int, str]) -> dict[int, Any]:
         tensors, metadata = store.load_tensors(key)
         moments[int(layer)] = SecondMoment(tensors["sum_kk"], int(metadata["n"]))
     return moments
+
+
+# A shard's row is written once (`append_once`) and a reduction is content-addressed: both are safe to rerun.
+retry_on_worker_loss(stats_shard)
+retry_on_worker_loss(stats_reduce)
