@@ -695,23 +695,14 @@ def ingest_file(path: str | os.PathLike[str], fmt: str, store: Store | None = No
     Requests already stored (same content hash) and rejects already recorded for the same file are
     not written again, so re-ingesting a file adds nothing.
     """
-    import pyarrow.dataset as ds
-
     from engramflow import home
     from engramflow.storage.store import Store
 
     store = store or Store(home.store_root())
     requests, rejects, duplicates = _load(path, fmt)
-    stored = set(store.read("requests", columns=["request_id"]).column("request_id").to_pylist())
-    new = [r for r in requests if r["request_id"] not in stored]
+    # Written once per id even when two runs ingest the same file at once (checked under the table's lock).
+    store.append_once("rejects", rejects, ("source", "dataset", "position", "field", "reason", "raw"))
+    new = store.append_once("requests", requests, "request_id")
     duplicates += len(requests) - len(new)
-    reject_key = ("position", "field", "reason", "raw")
-    if rejects:
-        source = rejects[0]["source"]
-        seen = store.read("rejects", columns=list(reject_key),
-                          filter=(ds.field("source") == source) & (ds.field("dataset") == fmt)).to_pylist()
-        recorded = {tuple(r[k] for k in reject_key) for r in seen}
-        store.append("rejects", [r for r in rejects if tuple(r[k] for k in reject_key) not in recorded])
-    store.append("requests", new)
     return IngestResult(accepted=len(new), rejected=len(rejects), duplicates=duplicates,
                         request_ids=[r["request_id"] for r in requests], rejects=rejects)

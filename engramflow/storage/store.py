@@ -323,7 +323,8 @@ class Store:
         with self.lock(table):
             first = columns[0]
             wanted = list({row[first] for row in rows})
-            recorded = self.read(table, filter=pc.field(first).isin(wanted)).to_pylist()
+            recorded = self.read(table, columns=None if valid else columns,
+                                 filter=pc.field(first).isin(wanted)).to_pylist()
             done = {ident(row) for row in recorded if valid is None or valid(row)}
             new = [row for row in rows if ident(row) not in done]
             self.append(table, new)
