@@ -33,16 +33,25 @@ def execute(flow_name: str, cfg, ray_address: str | None, run_id: str | None = N
     """Run a flow on the pipeline runtime and print its summary; returns the run id."""
     from rich.console import Console
 
+    from engramflow.cli.output import error_line
+    from engramflow.data.ingest import IngestError
+    from engramflow.editors.artifacts import ArtifactError
     from engramflow.flows.edit import edit_flow
     from engramflow.flows.experts import experts_flow
     from engramflow.flows.sequential import sequential_flow
     from engramflow.ledger import default_store
     from engramflow.report import load_run, summary, summary_table
     from engramflow.runtime import pipeline_runtime, task_runner
+    from engramflow.storage import StoreDamageError
 
     flow = {"edit": edit_flow, "sequential": sequential_flow, "experts": experts_flow}[flow_name]
-    with pipeline_runtime(ray_address=ray_address):
-        run_id = flow.with_options(task_runner=task_runner())(cfg, run_id=run_id)
+    try:
+        with pipeline_runtime(ray_address=ray_address):
+            run_id = flow.with_options(task_runner=task_runner())(cfg, run_id=run_id)
+    except (StoreDamageError, IngestError, ArtifactError) as err:  # damage or bad data, not a bug: no traceback
+        message = "; ".join([str(err), *getattr(err, "__notes__", [])])
+        Console(stderr=True).print(error_line(f"the run failed (recorded as failed): {message}"), highlight=False)
+        raise typer.Exit(1) from None
     store = default_store()
     Console().print(summary_table([summary(load_run(store, run_id))], title=f"run {run_id}"))
     return run_id
