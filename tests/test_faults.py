@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -474,11 +475,9 @@ def test_ray_temp_dirs_are_private_unpredictable_and_cleaned(ray_runtime) -> Non
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (a / OWNER_FILE).write_text(str(dead.pid))
-    c = new_ray_tmpdir()
+    c = new_ray_tmpdir().parent
     assert not a.exists() and b.exists()
     for path in (b, c):
-        import shutil
-
         shutil.rmtree(path)
 
 
