@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from prefect import flow, task
 from typer.testing import CliRunner
 
 from engramflow.data.ingest import IngestError, ingest_file, load_requests
@@ -63,6 +64,17 @@ def _poison(path: str | Path, value: float = math.nan) -> None:
     Path(path).write_bytes(blob[:start] + packed + blob[start + len(packed):])
 
 
+def _tensor_files(store: Store) -> dict[str, Path]:
+    """key -> file of every stored tensor (read from the layout, the store's own checks aside)."""
+    return {p.stem: p for p in (Path(store.path) / "tensors").glob("*/*.safetensors")}
+
+
+def _finite(path: Path) -> bool:
+    from safetensors.torch import load_file
+
+    return all(bool(torch.isfinite(t).all()) for t in load_file(str(path)).values() if t.is_floating_point())
+
+
 def _world_ids(n: int) -> list[str]:
     """`n` requests of the tiny world with distinct subjects, ingested into the session store."""
     ingest_file("world-tiny", "world")
@@ -87,7 +99,7 @@ def test_non_finite_tensors_are_never_stored(store: Store) -> None:
     for bad in (math.nan, math.inf):
         with pytest.raises(NonFiniteTensorError, match="'sum_kk'|sum_kk"):
             store.put_tensors({"sum_kk": torch.tensor([[1.0, bad]]), "n": torch.tensor([3])})
-    assert store.tensor_keys() == []
+    assert _tensor_files(store) == {}
 
 
 def test_an_edit_that_diverges_is_never_committed(tiny_organism) -> None:
@@ -97,12 +109,12 @@ def test_an_edit_that_diverges_is_never_committed(tiny_organism) -> None:
 
     store = default_store()
     base = ensure_base_version(store, str(tiny_organism))
-    before = set(store.tensor_keys())
+    before = set(_tensor_files(store))
     with pytest.raises(Exception, match=r"layer\.\d+\.") as err:
         edit_batch.fn("fault-nan-run", 0, base, _world_ids(2), "ft", {"ft_lr": float("inf")}, None)
     assert any("batch 0 of run fault-nan-run" in note for note in getattr(err.value, "__notes__", []))
     assert committed_batches(store, "fault-nan-run") == {}
-    assert all(store.check_tensor(k) is None for k in set(store.tensor_keys()) - before)
+    assert all(_finite(path) for key, path in _tensor_files(store).items() if key not in before)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +131,7 @@ def ft_version(tiny_organism):
 def test_a_modified_stored_delta_is_named_not_used(ft_version, tmp_path: Path) -> None:
     store, version = ft_version
     key = version.delta_keys[-1]
-    path = Path(store.tensor_file(key))
+    path = _tensor_files(store)[key]
     saved = path.read_bytes()
     try:
         _poison(path)
@@ -133,7 +145,7 @@ def test_a_modified_stored_delta_is_named_not_used(ft_version, tmp_path: Path) -
         assert "fault-ft-run" in problem.runs
         # the same content stored again replaces the damaged file (a later run's write repairs it)
         assert save_artifact(store, load_artifact_from(saved)) == key
-        assert store.check_tensor(key) is None
+        assert store.check_tensor(key) is None and _finite(path)
     finally:
         path.write_bytes(saved)
 
@@ -150,7 +162,7 @@ def load_artifact_from(blob: bytes):
 def test_a_deleted_delta_is_named_and_revert_refuses(ft_version) -> None:
     store, version = ft_version
     key = version.delta_keys[-1]
-    path = Path(store.tensor_file(key))
+    path = _tensor_files(store)[key]
     saved = path.read_bytes()
     edit = store.sql(f"select edit_id from edits where delta_key = '{key}' limit 1").to_pylist()[0]["edit_id"]
     try:
@@ -171,18 +183,17 @@ def test_a_deleted_delta_is_named_and_revert_refuses(ft_version) -> None:
 
 def test_damaged_cache_files_are_recomputed_not_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from engramflow.editors.cache import RequestCache
-    from engramflow.editors.files import DamagedFileError
 
     cache = RequestCache(tmp_path / "cache")
     cache.put("k" * 64, {"delta": torch.ones(4), "h": torch.zeros(4)})
-    path = cache.files()[0]
+    (path,) = (tmp_path / "cache").rglob("*.safetensors")
     _poison(path, 2.5)  # finite but not what was written
     assert cache.get("k" * 64) is None and not path.exists()
     assert "damaged cache file" in caplog.text
     cache.put("k" * 64, {"delta": torch.ones(4)})
     path.write_bytes(path.read_bytes()[:-3])  # truncated
     assert cache.get("k" * 64) is None
-    with pytest.raises(DamagedFileError, match="NaN"):
+    with pytest.raises(ValueError, match="NaN"):
         cache.put("k" * 64, {"delta": torch.tensor([math.nan])})
     assert cache.get("k" * 64) is None
 
@@ -200,7 +211,7 @@ def test_corrupt_statistics_fail_the_run_then_doctor_repairs(ray_runtime, tiny_o
                     stats_shards=1, protocols=["counterfact"], **TINY)
     sequential_flow.with_options(task_runner=task_runner())(cfg)
     (row,) = [r for r in store.read("stats").to_pylist() if r["max_tokens"] == 12_345]
-    _poison(store.tensor_file(row["tensor_key"]))
+    _poison(_tensor_files(store)[row["tensor_key"]])
 
     again = RunConfig(**{**cfg.__dict__, "seed": 1})
     with pytest.raises(Exception, match=row["tensor_key"]):
@@ -218,7 +229,7 @@ def test_corrupt_statistics_fail_the_run_then_doctor_repairs(ray_runtime, tiny_o
     assert store.sql(f"select status from runs_latest where run_id = '{again.run_id('sequential')}'"
                      ).to_pylist() == [{"status": "completed"}]
     rows = [r for r in store.read("stats").to_pylist() if r["stats_id"] == row["stats_id"]]
-    assert len([r for r in rows if store.check_tensor(r["tensor_key"]) is None]) == 1
+    assert len([r for r in rows if store.has_tensors(r["tensor_key"]) and _finite(_tensor_files(store)[r["tensor_key"]])]) == 1
 
 
 # --- 2. one damaged Parquet part does not take down the catalogue ------------------------------------
@@ -435,8 +446,6 @@ def test_concurrent_runs_write_shared_rows_once(tiny_organism, tmp_path: Path) -
 def test_local_ray_needs_its_token(ray_runtime, tmp_path: Path) -> None:
     if not ray_runtime.local_ray:
         pytest.skip("connected to an external Ray cluster")
-    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"])
-    assert os.environ["RAY_AUTH_MODE"] == "token" and token.stat().st_mode & 0o777 == 0o600
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # reach the loopback address as the runtime's own children do
@@ -444,6 +453,8 @@ def test_local_ray_needs_its_token(ray_runtime, tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "CONNECTED" not in out.stdout
     assert "Authentication token is missing or incorrect" in out.stdout + out.stderr
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"])
+    assert os.environ["RAY_AUTH_MODE"] == "token" and token.stat().st_mode & 0o777 == 0o600
 
 
 def test_the_prefect_api_needs_its_auth_string(ray_runtime) -> None:
@@ -464,10 +475,13 @@ def test_the_prefect_api_needs_its_auth_string(ray_runtime) -> None:
 
 
 def test_ray_temp_dirs_are_private_unpredictable_and_cleaned(ray_runtime) -> None:
-    from engramflow.runtime import OWNER_FILE, new_ray_tmpdir
+    import ray
 
     if ray_runtime.local_ray:  # Ray makes its own dir world-writable: its parent keeps everyone else out
-        assert ray_runtime.ray_tmpdir.parent.stat().st_mode & 0o777 == 0o700
+        temp = Path(ray._private.worker._global_node.get_temp_dir_path())
+        assert temp.parent.stat().st_mode & 0o777 == 0o700 and temp.parent.stat().st_uid == os.getuid()
+    from engramflow.runtime import OWNER_FILE, new_ray_tmpdir
+
     a, b = (new_ray_tmpdir().parent for _ in range(2))
     assert a != b and a.parent == b.parent
     assert all(p.stat().st_mode & 0o777 == 0o700 for p in (a, b))
@@ -482,15 +496,16 @@ def test_ray_temp_dirs_are_private_unpredictable_and_cleaned(ray_runtime) -> Non
 
 
 def test_a_runtime_removes_its_ray_session_files(tmp_path: Path) -> None:
-    code = ("from engramflow.runtime import pipeline_runtime\n"
-            "with pipeline_runtime(num_cpus=1) as rt:\n    print('TMP', rt.ray_tmpdir, flush=True)\n")
+    code = ("import ray\nfrom engramflow.runtime import pipeline_runtime\n"
+            "with pipeline_runtime(num_cpus=1) as rt:\n"
+            "    print('TMP', ray._private.worker._global_node.get_session_dir_path(), flush=True)\n")
     env = {**os.environ, "ENGRAMFLOW_HOME": str(tmp_path / "home")}
     for key in ("PREFECT_API_URL", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR"):
         env.pop(key, None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    tmp = Path(next(line for line in out.stdout.splitlines() if line.startswith("TMP ")).split(" ", 1)[1])
-    assert not tmp.exists() and not tmp.parent.exists()
+    session = Path(next(line for line in out.stdout.splitlines() if line.startswith("TMP ")).split(" ", 1)[1])
+    assert not session.exists() and not session.parent.parent.exists()  # <private parent>/r/session_...
 
 
 # --- 9. a Ray worker killed mid-task is retried; nothing is applied twice -------------------------------
@@ -535,3 +550,32 @@ def test_a_killed_worker_is_retried_and_nothing_applied_twice(ray_runtime, tiny_
     assert store.sql(f"select status from runs_latest where run_id = '{run_id}'").to_pylist() == [
         {"status": "completed"}]
     assert get_version(store, committed_batches(store, run_id)[1]).parent_version == committed_batches(store, run_id)[0]
+
+
+@task(name="fault-appends-then-dies")
+def appends_then_dies(log: str) -> int:
+    """A side effect a rerun would double (a line appended to `log`); the worker dies the first time."""
+    with open(log, "a") as f:
+        f.write("ran\n")
+    if Path(log).read_text().count("ran") == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return Path(log).read_text().count("ran")
+
+
+@flow
+def appends_flow(log: str, name: str) -> int:
+    return appends_then_dies.with_options(name=name).submit(log).result()
+
+
+def test_only_tasks_declared_safe_are_rerun_when_their_worker_dies(ray_runtime, tmp_path: Path) -> None:
+    """Ray reruns a task whose worker died only when the task declared a rerun safe: an undeclared
+    task (one whose side effects a rerun would double) fails instead of running twice."""
+    from engramflow.runtime import retry_on_worker_loss, task_runner
+
+    retry_on_worker_loss(appends_then_dies.with_options(name="fault-declared"))
+    declared = tmp_path / "declared.log"
+    assert appends_flow.with_options(task_runner=task_runner())(str(declared), "fault-declared") == 2
+    undeclared = tmp_path / "undeclared.log"
+    with pytest.raises(Exception, match="(?i)worker|died|crash"):
+        appends_flow.with_options(task_runner=task_runner())(str(undeclared), "fault-undeclared")
+    assert undeclared.read_text() == "ran\n"  # ran once, never again
