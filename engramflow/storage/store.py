@@ -270,11 +270,11 @@ class Store:
         try:
             dataset = ds.dataset(parts, schema=schema, format="parquet", filesystem=self.fs)
             return dataset.to_table(columns=list(columns) if columns is not None else None, filter=filter)
-        except (pa.ArrowInvalid, OSError) as err:
+        except (pa.ArrowInvalid, OSError):
             damaged = self.damaged_parts(table)
             if damaged:
                 raise DamagedPartError(table, list(damaged), next(iter(damaged.values()))) from None
-            raise err
+            raise
 
     def check_part(self, path: str) -> str | None:
         """Why the Parquet part at `path` cannot be read (None: it can). Reads the whole file."""
