@@ -155,7 +155,7 @@ def _private_file(path: Path, content: str) -> Path:
     return path
 
 
-def _ray_token_auth(tmp: Path, stack: ExitStack) -> None:
+def _ray_token_auth(private: Path, stack: ExitStack) -> None:
     """Token authentication for a local Ray started here: a random token in a 0600 file, so no other local
     user can submit work to it. `RAY_AUTH_MODE=disabled` (or a token of the user's own) is respected."""
     mode = os.environ.get("RAY_AUTH_MODE")
@@ -168,7 +168,7 @@ def _ray_token_auth(tmp: Path, stack: ExitStack) -> None:
 
     saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
     os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(_private_file(tmp.parent / "auth_token", secrets.token_hex(32)))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(_private_file(private / "auth_token", secrets.token_hex(32)))
 
     def reload() -> None:  # the driver caches the mode and the token: make it read them again
         Config.initialize("")
@@ -304,8 +304,14 @@ def pipeline_runtime(
         )
         reused_ray = ray.is_initialized()
         if not reused_ray and not address:
-            tmp = Path(os.environ["RAY_TMPDIR"]) if "RAY_TMPDIR" in os.environ else new_ray_tmpdir()
-            _ray_token_auth(tmp, stack)
+            if "RAY_TMPDIR" in os.environ:  # the user's choice; the token still goes to a private dir of ours
+                tmp = Path(os.environ["RAY_TMPDIR"])
+                private = Path(tempfile.mkdtemp(prefix="auth-", dir=home.state_dir("ray")))
+                stack.callback(shutil.rmtree, private, True)
+            else:
+                tmp = new_ray_tmpdir()
+                private = tmp.parent
+            _ray_token_auth(private, stack)
         outcome = {"failed": True}
         if tmp is not None and "RAY_TMPDIR" not in os.environ:  # runs after ray.shutdown (callbacks: last first)
             stack.callback(lambda: _clean_ray_tmpdir(tmp, outcome["failed"]))
