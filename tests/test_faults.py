@@ -201,7 +201,6 @@ def test_damaged_cache_files_are_recomputed_not_used(tmp_path: Path, caplog: pyt
 def test_corrupt_statistics_fail_the_run_then_doctor_repairs(ray_runtime, tiny_organism) -> None:
     """NaN in stored covariance statistics: the next run fails naming the tensor and is recorded as
     failed; `doctor --repair` quarantines the file; the run after that recomputes it and completes."""
-    from engramflow.doctor import checkup, repair
     from engramflow.flows.sequential import sequential_flow
     from engramflow.runtime import task_runner
 
@@ -219,6 +218,8 @@ def test_corrupt_statistics_fail_the_run_then_doctor_repairs(ray_runtime, tiny_o
     status = store.sql(f"select status, params from runs_latest where run_id = '{again.run_id('sequential')}'")
     (run,) = status.to_pylist()
     assert run["status"] == "failed" and row["tensor_key"] in json.loads(run["params"])["error"]
+
+    from engramflow.doctor import checkup, repair
 
     found = checkup(store)
     (problem,) = [p for p in found.problems if p.key == row["tensor_key"]]
@@ -570,12 +571,14 @@ def appends_flow(log: str, name: str) -> int:
 def test_only_tasks_declared_safe_are_rerun_when_their_worker_dies(ray_runtime, tmp_path: Path) -> None:
     """Ray reruns a task whose worker died only when the task declared a rerun safe: an undeclared
     task (one whose side effects a rerun would double) fails instead of running twice."""
-    from engramflow.runtime import retry_on_worker_loss, task_runner
+    from engramflow.runtime import task_runner
 
-    retry_on_worker_loss(appends_then_dies.with_options(name="fault-declared"))
-    declared = tmp_path / "declared.log"
-    assert appends_flow.with_options(task_runner=task_runner())(str(declared), "fault-declared") == 2
     undeclared = tmp_path / "undeclared.log"
     with pytest.raises(Exception, match="(?i)worker|died|crash"):
         appends_flow.with_options(task_runner=task_runner())(str(undeclared), "fault-undeclared")
     assert undeclared.read_text() == "ran\n"  # ran once, never again
+    from engramflow.runtime import retry_on_worker_loss
+
+    retry_on_worker_loss(appends_then_dies.with_options(name="fault-declared"))
+    declared = tmp_path / "declared.log"
+    assert appends_flow.with_options(task_runner=task_runner())(str(declared), "fault-declared") == 2
