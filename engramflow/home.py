@@ -17,7 +17,6 @@ QUIET_ENV = {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -70,8 +69,15 @@ def models_dir() -> Path:
     return path
 
 
+def cache_dir(name: str) -> Path:
+    """A cache under the home (`requests`: per-request results, `references`: evaluation references)."""
+    return get_home() / "cache" / name
+
+
 def state_dir(name: str) -> Path:
-    """A directory for service state (prefect, ray, ...) under the home."""
+    """A directory for service state (prefect, ray, ...) under the home, readable by its owner only."""
     path = get_home() / "state" / name
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
+    path.chmod(0o700)
     return path

@@ -67,12 +67,13 @@ def _from_row(row: dict[str, Any]) -> Version:
 
 
 def _write_version(store: Store, version: Version, note: str | None) -> Version:
-    """The one place a `model_versions` row is written."""
-    store.append("model_versions", [{"version_id": version.version_id, "run_id": version.run_id,
-                                     "parent_version": version.parent_version, "base_model": version.base_model,
-                                     "delta_keys": list(version.delta_keys), "state_key": version.state_key,
-                                     "note": note}])
-    return version
+    """The one place a `model_versions` row is written: once per version id, even when two processes
+    commit the same batch at once (the second gets the first's row)."""
+    written = store.append_once("model_versions", [{
+        "version_id": version.version_id, "run_id": version.run_id, "parent_version": version.parent_version,
+        "base_model": version.base_model, "delta_keys": list(version.delta_keys), "state_key": version.state_key,
+        "note": note}], "version_id")
+    return version if written else get_version(store, version.version_id)
 
 
 def get_version(store: Store, version_id: str) -> Version:
@@ -138,17 +139,21 @@ def record_run(store: Store, run_id: str, flow: str, algorithm: str | None, mode
 
 # --- artifacts -----------------------------------------------------------------------------------
 def save_artifact(store: Store, artifact: Any) -> str:
-    """Store an edit artifact as content-addressed safetensors; return its key."""
+    """Store an edit artifact as content-addressed safetensors; return its key (ArtifactError naming the
+    tensor, and so the layer, if any entry is NaN or infinite: such an artifact is never stored)."""
     from engramflow.editors.artifacts import to_safetensors
 
+    artifact.check_finite()
     return store.put_tensors(*to_safetensors(artifact))
 
 
 def load_artifact(store: Store, key: str) -> Any:
-    """The artifact stored under `key` (a Delta, an expert bank, ...)."""
+    """The artifact stored under `key` (a Delta, an expert bank, ...), its file verified against its key
+    (`StoreDamageError` naming key and file otherwise)."""
     from engramflow.editors.artifacts import from_safetensors
 
-    return from_safetensors(store.get_tensors(key), store.tensor_metadata(key), source=f"tensor {key}")
+    tensors, metadata = store.load_tensors(key)
+    return from_safetensors(tensors, metadata, source=f"tensor {key}")
 
 
 def materialize(store: Store, version: Version | str, device: str = "cpu", with_state: bool = True,
@@ -212,12 +217,12 @@ def write_edit_rows(store: Store, run_id: str, batch_index: int, version: Versio
         "version_after": version.version_id, "delta_key": key, "delta_norm": records[rid]["norm"],
         "seconds": None if seconds is None else seconds / max(1, len(added)),  # shared out over the batch
     } for rid in new_ids]
-    store.append("edits", rows)
-    store.append("experts", [
+    store.append_once("edits", rows, "edit_id")
+    store.append_once("experts", [
         {"expert_id": stable_id("expert", run_id, rid), "run_id": run_id, "request_id": rid,
          "layer": records[rid]["layers"][0], "rank": records[rid].get("rank"), "expert_key": key,
          "neuron_key": key, "bytes": records[rid].get("bytes"), "removed": False}
-        for rid in new_ids if records[rid].get("expert")])
+        for rid in new_ids if records[rid].get("expert")], ("expert_id", "removed"))
     return len(rows)
 
 

@@ -512,18 +512,19 @@ def summary_table(summaries: Sequence[Mapping[str, Any]], title: str = "") -> An
     and the unedited model in its own column when every run starts from the same one (else each cell
     reads unedited → final). Narrow enough for an 80-column terminal with three runs."""
     from rich.table import Table
+    from rich.text import Text
 
     names = [str(s["algorithm"]) for s in summaries]
     if len(set(names)) < len(names):  # the same method twice: tell the runs apart
         names = [f"{n} {s['run_id'][-6:]}" for n, s in zip(names, summaries, strict=True)]
     shared = all(s.get(f"{k}_unedited") == summaries[0].get(f"{k}_unedited")
                  for s in summaries for k, _, before in SUMMARY_ROWS if before)
-    table = Table(title=title or None, title_justify="left")
+    table = Table(title=Text(title) if title else None, title_justify="left")  # stored text: never markup
     table.add_column("metric")
     if shared:
         table.add_column("unedited", justify="right")
     for name in names:
-        table.add_column(name, justify="right", overflow="fold")
+        table.add_column(Text(name), justify="right", overflow="fold")
     for key, label, before in SUMMARY_ROWS:
         if all(s.get(key) is None for s in summaries):
             continue

@@ -14,6 +14,28 @@ import typer
 DEMO_ALGORITHMS = ("memit", "emmet", "alphaedit")
 
 
+def _check_options(n: int, batch_size: int, algorithms: str, layers: str) -> None:
+    """The demo's options, checked before the organism is built or any service starts."""
+    from engramflow.editors.methods import get_method
+    from engramflow.flows.config import ConfigError, parsed_layers
+
+    if n < 1:
+        raise typer.BadParameter(f"must be ≥ 1, got {n}", param_hint="--n")
+    if batch_size < 1:
+        raise typer.BadParameter(f"must be ≥ 1, got {batch_size}", param_hint="--batch-size")
+    for name in algorithms.split(","):
+        try:
+            get_method(name.strip())
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--algorithms") from None
+    try:
+        explicit = parsed_layers(layers)
+    except ConfigError as err:
+        raise typer.BadParameter(err.reason, param_hint=err.option) from None
+    if explicit is not None and min(explicit) < 0:
+        raise typer.BadParameter(f"layers are ≥ 0, got {layers}", param_hint="--layers")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
@@ -40,6 +62,7 @@ def register(app: typer.Typer) -> None:
         world = "world-tiny" if tiny else "world"
         if tiny:  # the tiny world has about 50 subjects; each edit takes a distinct one
             n, batch_size = min(n, 30), min(batch_size, 10)
+        _check_options(n, batch_size, algorithms, layers)
 
         console.rule("1. the organism")
         model_dir = build_organism(tiny=tiny)
@@ -55,7 +78,7 @@ def register(app: typer.Typer) -> None:
         run_ids = []
         progress.use_terminal_sink()
         with pipeline_runtime():
-            for algorithm in algorithms.split(","):
+            for algorithm in (a.strip() for a in algorithms.split(",")):
                 cfg = RunConfig(algorithm=algorithm, model=str(model_dir), dataset=world,
                                 format="world", corpus=world, n=n, batch_size=batch_size, layers=layers)
                 console.print(f"[bold]{algorithm}[/]: {n} facts in batches of {batch_size}")

@@ -22,18 +22,20 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
+        from engramflow.cli.output import error_line, plain
         from engramflow.data.ingest import IngestError, ingest_file
+        from engramflow.storage import StoreDamageError
 
         console = Console()
         try:
             result = ingest_file(path, fmt)
-        except IngestError as e:
-            console.print(f"[red]error:[/red] {e}")
+        except (IngestError, StoreDamageError) as e:
+            Console(stderr=True).print(error_line(e), highlight=False)
             raise typer.Exit(1) from None
         console.print(f"[green]accepted {result.accepted}[/green]  [red]rejected {result.rejected}[/red]  "
                       f"[yellow]duplicates {result.duplicates}[/yellow]")
         if result.rejects:
             table = Table("position", "field", "reason", title=f"first rejects of {len(result.rejects)}")
             for r in result.rejects[:SHOWN_REJECTS]:
-                table.add_row(str(r["position"]), r["field"] or "", r["reason"])
+                table.add_row(plain(r["position"]), plain(r["field"]), plain(r["reason"]))  # stored text, not markup
             console.print(table)

@@ -11,7 +11,9 @@ import typer
 def _error(message: object) -> typer.Exit:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+    from engramflow.cli.output import error_line
+
+    Console(stderr=True).print(error_line(message), highlight=False)
     return typer.Exit(1)
 
 
@@ -33,6 +35,7 @@ def register(app: typer.Typer) -> None:
         from engramflow.home import get_home
         from engramflow.ledger import default_store
         from engramflow.report import compare_report, load_run, summary, summary_table, write_report
+        from engramflow.storage import StoreDamageError
 
         store = default_store()
         unique = list(dict.fromkeys(runs))
@@ -41,7 +44,7 @@ def register(app: typer.Typer) -> None:
         try:
             path = write_report(store, unique[0], target) if len(unique) == 1 else compare_report(store, unique, target)
             summaries = [summary(load_run(store, r)) for r in unique]
-        except KeyError as err:
+        except (KeyError, StoreDamageError) as err:
             raise _error(_message(err)) from None
         console = Console()
         console.print(summary_table(summaries, title="final numbers"))
@@ -55,28 +58,35 @@ def register(app: typer.Typer) -> None:
         """Every edit that touched a subject, and whether it still holds (latest ES/PS of its run)."""
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
+        from engramflow.cli.output import plain
         from engramflow.ledger import default_store
         from engramflow.report import fmt, subject_history
+        from engramflow.storage import StoreDamageError
 
-        rows = subject_history(default_store(), subject, contains)
+        try:
+            rows = subject_history(default_store(), subject, contains)
+        except (KeyError, StoreDamageError) as err:
+            raise _error(_message(err)) from None
         console = Console()
         if not rows:
-            console.print(f"no edits touched a subject {'containing' if contains else 'named'} {subject!r}")
+            console.print(plain(f"no edits touched a subject {'containing' if contains else 'named'} {subject!r}"))
             return
         table = Table("edit", "run", "algorithm", "batch", "layers", "‖Δ‖", "prompt", "true → new",
-                      "ES", "PS", "holds", title=f"edits of {subject!r} (ES/PS: latest evaluation of the run)")
+                      "ES", "PS", "holds", title=plain(f"edits of {subject!r} (ES/PS: latest evaluation of the run)"))
         for r in rows:
             if not r["in_latest"]:
-                holds = "[yellow]reverted[/yellow]"
+                holds = Text("reverted", style="yellow")
             elif r["es_latest"] is None:
-                holds = "not evaluated"
+                holds = Text("not evaluated")
             else:
-                holds = "[green]yes[/green]" if r["es_latest"] >= 0.5 else "[red]no[/red]"
-            table.add_row(r["edit_id"], r["run_id"], r["algorithm"], str(r["batch_index"]),
-                          ",".join(map(str, r["layers"])), fmt(r["delta_norm"]), r["prompt"],
-                          f"{r['target_true'] or '?'} → {r['target_new']}", fmt(r["es_latest"]),
-                          fmt(r["ps_latest"]), holds)
+                holds = Text("yes", style="green") if r["es_latest"] >= 0.5 else Text("no", style="red")
+            # every stored value as plain text: a subject such as "[/bold]" is printed, not interpreted
+            table.add_row(*map(plain, (r["edit_id"], r["run_id"], r["algorithm"], r["batch_index"],
+                                       ",".join(map(str, r["layers"])), fmt(r["delta_norm"]), r["prompt"],
+                                       f"{r['target_true'] or '?'} → {r['target_new']}", fmt(r["es_latest"]),
+                                       fmt(r["ps_latest"]))), holds)
         console.print(table)
 
     @app.command("revert")
@@ -89,25 +99,26 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
+        from engramflow.cli.output import plain
         from engramflow.ledger import default_store, revert_edit
+        from engramflow.storage import StoreDamageError
         from engramflow.tasks.evaluate import evaluate_revert
 
         store = default_store()
         try:
             result = revert_edit(store, edit_id, run)
-        except (KeyError, ValueError) as err:
+        except (KeyError, ValueError, StoreDamageError) as err:
             raise _error(_message(err)) from None
         console = Console()
         with console.status("evaluating the new version"):
             evaluate_revert(store, result.version)
-        console.print(f"new version [bold]{result.version.version_id}[/bold] = {result.parent.version_id} "
-                      f"without edit {result.edit['edit_id']} (artifact {result.removed_key[:12]}…)",
-                      highlight=False)
+        console.print(plain(f"new version {result.version.version_id} = {result.parent.version_id} "
+                            f"without edit {result.edit['edit_id']} (artifact {result.removed_key[:12]}…)"))
         if result.also_removed:
             table = Table("edit", "batch", "subject", "prompt", "true → new",
                           title=f"{len(result.also_removed)} other edit(s) removed with it: one delta carries a "
                                 "whole batch, solved jointly, so one request cannot be removed alone")
             for e in result.also_removed:
-                table.add_row(e["edit_id"], str(e["batch_index"]), e["subject"] or "?", e["prompt"] or "?",
-                              f"{e['target_true'] or '?'} → {e['target_new'] or '?'}")
+                table.add_row(*map(plain, (e["edit_id"], e["batch_index"], e["subject"] or "?", e["prompt"] or "?",
+                                           f"{e['target_true'] or '?'} → {e['target_new'] or '?'}")))
             console.print(table)

@@ -34,17 +34,26 @@ def execute(flow_name: str, cfg, ray_address: str | None, run_id: str | None = N
     from rich.console import Console
 
     from engramflow import progress
+    from engramflow.cli.output import error_line
+    from engramflow.data.ingest import IngestError
+    from engramflow.editors.artifacts import ArtifactError
     from engramflow.flows.edit import edit_flow
     from engramflow.flows.experts import experts_flow
     from engramflow.flows.sequential import sequential_flow
     from engramflow.ledger import default_store
     from engramflow.report import load_run, summary, summary_table
     from engramflow.runtime import pipeline_runtime, task_runner
+    from engramflow.storage import StoreDamageError
 
     flow = {"edit": edit_flow, "sequential": sequential_flow, "experts": experts_flow}[flow_name]
     progress.use_terminal_sink()
-    with pipeline_runtime(ray_address=ray_address):
-        run_id = flow.with_options(task_runner=task_runner())(cfg, run_id=run_id)
+    try:
+        with pipeline_runtime(ray_address=ray_address):
+            run_id = flow.with_options(task_runner=task_runner())(cfg, run_id=run_id)
+    except (StoreDamageError, IngestError, ArtifactError) as err:  # damage or bad data, not a bug: no traceback
+        message = "; ".join([str(err), *getattr(err, "__notes__", [])])
+        Console(stderr=True).print(error_line(f"the run failed (recorded as failed): {message}"), highlight=False)
+        raise typer.Exit(1) from None
     store = default_store()
     Console().print(summary_table([summary(load_run(store, run_id))], title=f"run {run_id}"))
     return run_id
@@ -72,13 +81,23 @@ def _options(
                                       "experts) is split into, one core or GPU each (default: the method's)."),
     run_id: str | None = typer.Option(None, help="Explicit run id (default: derived from the options)."),
 ):
-    from engramflow.flows.config import RunConfig
+    from dataclasses import replace
+
+    from engramflow.flows.config import ConfigError, RunConfig, check_against_model, check_options
     from engramflow.models import resolve_model
 
-    cfg = RunConfig(algorithm=algorithm, model=resolve_model(model), dataset=dataset, format=format, n=n,
-                    batch_size=batch_size or n, hparams=_hparams(hparams), layers=layers, window=window,
-                    corpus=corpus, n_probes=n_probes, protocols=eval.split(",") if eval else None, seed=seed,
-                    device=device, shards=shards)
+    # Every option is checked here, cheapest first, before any service starts or anything is recorded.
+    try:
+        cfg = RunConfig(algorithm=algorithm, model=model, dataset=dataset, format=format, n=n,
+                        batch_size=n if batch_size is None else batch_size, hparams=_hparams(hparams),
+                        layers=layers, window=window, corpus=corpus, n_probes=n_probes,
+                        protocols=[p.strip() for p in eval.split(",")] if eval else None, seed=seed, device=device,
+                        shards=shards)
+        check_options(cfg)  # before resolving: `organism` may be built, a missing directory never is
+        cfg = replace(cfg, model=resolve_model(model))
+        check_against_model(cfg)
+    except ConfigError as err:
+        raise typer.BadParameter(err.reason, param_hint=err.option) from None
     return cfg, ray_address, run_id
 
 

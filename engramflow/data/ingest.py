@@ -15,7 +15,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,8 @@ MAX_SHORT_CHARS = 500  # subject, targets, relation, case id
 MAX_LIST_ITEMS = 200
 MAX_EXTRA_CHARS = 200_000
 MAX_RAW_CHARS = 2000  # how much of a rejected record is kept in `rejects.raw`
+MAX_NESTING = 32  # levels of lists/objects in one record (the benchmarks use 4)
+_BOM = b"\xef\xbb\xbf"
 
 _BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
 _NQ_PREFIX = re.compile(r"^\s*nq question:\s*", re.IGNORECASE)
@@ -62,6 +64,9 @@ class Loader:
     description: str
     # The format's default edit-quality protocols (evaluator names, engramflow.editors.evaluation).
     protocols: tuple[str, ...] = ()
+    # The top-level fields its records have: a file none of whose records has any of them is not in this
+    # format (a JSONL file read as CSV), an error rather than a file of rejects. Empty: not checked.
+    fields: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -83,13 +88,13 @@ LOADERS: dict[str, Loader] = {}
 COUNTERFACT = ("counterfact", "fluency")
 
 
-def register(name: str, read: Reader, description: str,
-             protocols: tuple[str, ...] = ()) -> Callable[[Converter], Converter]:
+def register(name: str, read: Reader, description: str, protocols: tuple[str, ...] = (),
+             fields: Iterable[str] = ()) -> Callable[[Converter], Converter]:
     """Register `convert` (the decorated function) under the format `name`, scored by default with
-    `protocols`."""
+    `protocols`; `fields`: the top-level fields of its records."""
 
     def deco(convert: Converter) -> Converter:
-        LOADERS[name] = Loader(name, read, convert, description, protocols)
+        LOADERS[name] = Loader(name, read, convert, description, protocols, frozenset(fields))
         return convert
 
     return deco
@@ -110,23 +115,80 @@ def _read_bytes(path: str) -> bytes:
     try:
         with fsspec.open(path, "rb", compression="infer") as f:
             return f.read()
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        cause = e.__cause__ or e.__context__
+        if "://" in path and cause is not None:  # fsspec reports every failed HTTP request as not found
+            raise IngestError(f"{path}: network error, cannot fetch it ({type(cause).__name__}: {cause})") from None
         raise IngestError(f"{path}: file not found") from None
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         raise IngestError(f"{path}: cannot read ({e})") from e
+    except Exception as e:  # aiohttp, botocore...: errors of the network, not of the file
+        if "://" in path:
+            raise IngestError(f"{path}: network error, cannot fetch it ({type(e).__name__}: {e})") from None
+        raise
 
 
 def _decode(data: bytes) -> str:
-    """UTF-8 text; undecodable bytes become lone surrogates, which validation rejects per record."""
-    return data.decode("utf-8", errors="surrogateescape")
+    """UTF-8 text without a byte-order mark; undecodable bytes become lone surrogates, which validation
+    rejects per record."""
+    return data.removeprefix(_BOM).decode("utf-8", errors="surrogateescape")
+
+
+def _too_deep(raw: str) -> RecordError:
+    return RecordError(None, f"nested deeper than {MAX_NESTING} levels", raw=raw[:MAX_RAW_CHARS])
+
+
+def _json_elements(text: str) -> Iterator[str]:
+    """The source text of each element of a top-level JSON array, found without parsing them (so one
+    element nested too deep for the parser does not hide the others)."""
+    start = text.index("[") + 1
+    depth, in_string, escaped, begin = 0, False, False, None
+    for j in range(start, len(text)):
+        c = text[j]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+            continue
+        if c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            if depth == 0:
+                if begin is not None:
+                    yield text[begin:j]
+                return
+            depth -= 1
+        elif c == "," and depth == 0:
+            yield text[begin:j] if begin is not None else ""
+            begin = None
+            continue
+        if begin is None and not c.isspace():
+            begin = j
 
 
 def read_json_list(path: str) -> Iterator[tuple[int, Raw]]:
     """A JSON file holding a list of records (CounterFact, zsRE, KnowEdit, MQuAKE...)."""
+    text = _decode(_read_bytes(path))
     try:
-        data = json.loads(_decode(_read_bytes(path)))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise IngestError(f"{path}: not valid JSON ({e})") from e
+    except RecursionError:  # some record is nested too deep to parse: parse the records one by one
+        if not text.lstrip().startswith("["):
+            raise IngestError(f"{path}: nested deeper than the JSON parser allows") from None
+        for i, element in enumerate(_json_elements(text)):
+            try:
+                yield i, json.loads(element)
+            except RecursionError:
+                yield i, _too_deep(element)
+            except json.JSONDecodeError as e:
+                yield i, RecordError(None, f"invalid JSON ({e})", raw=element[:MAX_RAW_CHARS])
+        return
     if not isinstance(data, list):
         raise IngestError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
     yield from enumerate(data)
@@ -157,7 +219,13 @@ def read_jsonl(path: str) -> Iterator[tuple[int, Raw]]:
             yield i, json.loads(line)
         except json.JSONDecodeError as e:
             yield i, RecordError(None, f"invalid JSON on line {i + 1}: {e}", raw=line)
+        except RecursionError:
+            yield i, _too_deep(line)
 
+
+# The fields of user files (jsonl, csv, parquet).
+_USER_FIELDS = {"subject", "prompt", "target_new", "target_true", "paraphrase_prompts", "neighborhood",
+                "neighborhood_prompts", "generation_prompts", "relation", "case_id"}
 
 # CSV cells of these columns may hold a JSON list (a plain string is a one-element list).
 _CSV_LIST_FIELDS = {"paraphrase_prompts", "neighborhood", "neighborhood_prompts", "generation_prompts"}
@@ -168,6 +236,9 @@ def read_csv(path: str) -> Iterator[tuple[int, Raw]]:
     reader = csv.DictReader(io.StringIO(_decode(_read_bytes(path)), newline=""))
     if not reader.fieldnames:
         raise IngestError(f"{path}: empty CSV (no header row)")
+    if not _USER_FIELDS & {name.strip() for name in reader.fieldnames if name}:
+        raise IngestError(f"{path}: the CSV header has none of the fields {', '.join(sorted(_REQUIRED_USER_FIELDS))}"
+                          f" (header: {', '.join(map(repr, reader.fieldnames[:5]))}): is it a CSV file? (--format)")
     try:
         for i, row in enumerate(reader):
             if None in row:
@@ -180,6 +251,9 @@ def read_csv(path: str) -> Iterator[tuple[int, Raw]]:
                         record[name] = json.loads(record[name])
             except json.JSONDecodeError as e:
                 yield i, RecordError(name, f"not a valid JSON list ({e})", raw=row)
+                continue
+            except RecursionError:
+                yield i, RecordError(name, f"nested deeper than {MAX_NESTING} levels", raw=row)
                 continue
             yield i, record
     except csv.Error as e:
@@ -277,12 +351,17 @@ def _neighbors_from_prompts(prompts: Any, target: Any, name: str) -> list[dict[s
     return [{"prompt": p, "target": target} for p in items]
 
 
-register("counterfact", read_json_list, "ROME CounterFact JSON list ({} in the prompt)", COUNTERFACT)(_counterfact)
+_COUNTERFACT_FIELDS = ("case_id", "requested_rewrite", "paraphrase_prompts", "neighborhood_prompts",
+                       "generation_prompts")
+register("counterfact", read_json_list, "ROME CounterFact JSON list ({} in the prompt)", COUNTERFACT,
+         _COUNTERFACT_FIELDS)(_counterfact)
 register("world", read_world, "the embedded world (path `world`) or its CounterFact export",
-         COUNTERFACT)(_counterfact)
+         COUNTERFACT, _COUNTERFACT_FIELDS)(_counterfact)
 
 
-@register("easyedit-counterfact", read_json_list, "EasyEdit/MEND CounterFact split (filled prompts)", COUNTERFACT)
+@register("easyedit-counterfact", read_json_list, "EasyEdit/MEND CounterFact split (filled prompts)", COUNTERFACT,
+          ("case_id", "subject", "prompt", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt",
+           "locality_ground_truth"))
 def _easyedit_counterfact(raw: Raw) -> list[dict[str, Any]]:
     rec = _record(raw)
     loc = rec.get("locality_prompt")
@@ -311,7 +390,8 @@ def _nq_question(text: Any) -> Any:
     return question
 
 
-@register("zsre", read_json_list, "MEND zsRE (src, alt, answers, rephrase, loc, loc_ans)", ("zsre",))
+@register("zsre", read_json_list, "MEND zsRE (src, alt, answers, rephrase, loc, loc_ans)", ("zsre",),
+          ("subject", "src", "alt", "answers", "rephrase", "loc", "loc_ans"))
 def _zsre(raw: Raw) -> list[dict[str, Any]]:
     rec = _record(raw)
     loc = rec.get("loc")
@@ -331,7 +411,8 @@ def _zsre(raw: Raw) -> list[dict[str, Any]]:
 
 
 @register("knowedit", read_json_list, "KnowEdit zsRE (ZsRE-test-all: locality / portability dicts)",
-          ("easyedit", "knowedit"))
+          ("easyedit", "knowedit"), ("subject", "prompt", "target_new", "ground_truth", "rephrase_prompt", "locality",
+                                     "portability"))
 def _knowedit(raw: Raw) -> list[dict[str, Any]]:
     rec = _record(raw)
     locality = _get(rec, "locality", required=False) or {}
@@ -362,7 +443,7 @@ def _knowedit(raw: Raw) -> list[dict[str, Any]]:
 # Each rewrite is a single-hop CounterFact-style fact (ES/EM: no paraphrases or neighbours); the
 # multi-hop questions are scored once all of a case's rewrites are edited.
 @register("mquake", read_json_list, "MQuAKE (each requested_rewrite is one request; questions in extra)",
-          ("counterfact", "mquake"))
+          ("counterfact", "mquake"), ("case_id", "requested_rewrite", "questions", "answer"))
 def _mquake(raw: Raw) -> list[dict[str, Any]]:
     rec = _record(raw)
     rewrites = _as_list(_get(rec, "requested_rewrite"), "requested_rewrite")
@@ -388,7 +469,8 @@ def _mquake(raw: Raw) -> list[dict[str, Any]]:
 
 
 # Known facts are for causal tracing: target_new = target_true, so no edit-quality protocol applies.
-@register("known", read_json_list, "ROME known facts (known_1000.json): target_new = target_true = attribute")
+@register("known", read_json_list, "ROME known facts (known_1000.json): target_new = target_true = attribute",
+          (), ("known_id", "subject", "prompt", "attribute", "relation_id"))
 def _known(raw: Raw) -> list[dict[str, Any]]:
     """Known facts are for causal tracing, not editing: the request keeps the fact as it is."""
     rec = _record(raw)
@@ -404,8 +486,7 @@ def _known(raw: Raw) -> list[dict[str, Any]]:
     }]
 
 
-_USER_FIELDS = {"subject", "prompt", "target_new", "target_true", "paraphrase_prompts", "neighborhood",
-                "neighborhood_prompts", "generation_prompts", "relation", "case_id"}
+_REQUIRED_USER_FIELDS = ("subject", "prompt", "target_new")
 
 
 def _user(raw: Raw) -> list[dict[str, Any]]:
@@ -430,9 +511,9 @@ def _user(raw: Raw) -> list[dict[str, Any]]:
     }]
 
 
-register("jsonl", read_jsonl, "user JSON lines", COUNTERFACT)(_user)
-register("csv", read_csv, "user CSV with a header (list cells as JSON)", COUNTERFACT)(_user)
-register("parquet", read_parquet, "user Parquet", COUNTERFACT)(_user)
+register("jsonl", read_jsonl, "user JSON lines", COUNTERFACT, _USER_FIELDS)(_user)
+register("csv", read_csv, "user CSV with a header (list cells as JSON)", COUNTERFACT, _USER_FIELDS)(_user)
+register("parquet", read_parquet, "user Parquet", COUNTERFACT, _USER_FIELDS)(_user)
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -543,10 +624,17 @@ def _load(path: str | os.PathLike[str], fmt: str) -> tuple[list[dict[str, Any]],
         rejects.append({"source": source, "dataset": fmt, "position": position, "field": err.field,
                         "reason": err.reason, "raw": _raw_text(raw)})
 
+    objects = matching = 0  # records that are objects, and those with a field of the format
     for position, raw in loader.read(path):
         if isinstance(raw, RecordError):
             reject(position, raw.raw, raw)
             continue
+        if _depth(raw) > MAX_NESTING:
+            reject(position, "<a record nested deeper than the limit>", _too_deep(""))
+            continue
+        if isinstance(raw, dict):
+            objects += 1
+            matching += bool(loader.fields & raw.keys())
         try:
             partials = loader.convert(raw)
         except RecordError as e:
@@ -562,7 +650,37 @@ def _load(path: str | os.PathLike[str], fmt: str) -> tuple[list[dict[str, Any]],
                 duplicates += 1
             else:
                 requests[request["request_id"]] = request
+    if loader.fields and objects and not matching:
+        raise IngestError(f"{path}: none of its {objects} records has any field of format {fmt!r} "
+                          f"({', '.join(sorted(loader.fields)[:6])}...): is --format right?")
     return list(requests.values()), rejects, duplicates
+
+
+def _depth(value: Raw) -> int:
+    """Levels of lists and objects in `value` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level > MAX_NESTING:
+            return level
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def first_valid(path: str | os.PathLike[str], fmt: str) -> dict[str, Any]:
+    """The first valid request of the file (how a run checks its dataset before it starts); IngestError
+    when the file cannot be read, is not in format `fmt`, or holds no valid request."""
+    requests, rejects, _ = _load(path, fmt)
+    if not requests:
+        first = rejects[0] if rejects else None
+        detail = (f"; first reject at position {first['position']}: {first['field'] or 'record'}: {first['reason']}"
+                  if first else "")
+        raise IngestError(f"{path}: no valid {fmt} record{detail}")
+    return requests[0]
 
 
 def load_requests(path: str | os.PathLike[str], fmt: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -577,23 +695,14 @@ def ingest_file(path: str | os.PathLike[str], fmt: str, store: Store | None = No
     Requests already stored (same content hash) and rejects already recorded for the same file are
     not written again, so re-ingesting a file adds nothing.
     """
-    import pyarrow.dataset as ds
-
     from engramflow import home
     from engramflow.storage.store import Store
 
     store = store or Store(home.store_root())
     requests, rejects, duplicates = _load(path, fmt)
-    stored = set(store.read("requests", columns=["request_id"]).column("request_id").to_pylist())
-    new = [r for r in requests if r["request_id"] not in stored]
+    # Written once per id even when two runs ingest the same file at once (checked under the table's lock).
+    store.append_once("rejects", rejects, ("source", "dataset", "position", "field", "reason", "raw"))
+    new = store.append_once("requests", requests, "request_id")
     duplicates += len(requests) - len(new)
-    reject_key = ("position", "field", "reason", "raw")
-    if rejects:
-        source = rejects[0]["source"]
-        seen = store.read("rejects", columns=list(reject_key),
-                          filter=(ds.field("source") == source) & (ds.field("dataset") == fmt)).to_pylist()
-        recorded = {tuple(r[k] for k in reject_key) for r in seen}
-        store.append("rejects", [r for r in rejects if tuple(r[k] for k in reject_key) not in recorded])
-    store.append("requests", new)
     return IngestResult(accepted=len(new), rejected=len(rejects), duplicates=duplicates,
                         request_ids=[r["request_id"] for r in requests], rejects=rejects)

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from engramflow.editors.files import save_atomic
+from engramflow.editors.files import load_checked, save_atomic
 
 
 class RequestCache:
@@ -37,8 +36,14 @@ class RequestCache:
         return self.root / key[:2] / f"{key}.safetensors"
 
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
-        path = self._path(key)
-        return load_file(path) if path.exists() else None
+        """The result under `key`, or None when there is none or its file is damaged (modified, truncated,
+        non-finite: it is then removed with a warning and computed again)."""
+        return load_checked(self._path(key))
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Keep a result (`DamagedFileError` if it has NaN or infinite entries: such a result is never kept)."""
         save_atomic(tensors, self._path(key))
+
+    def files(self) -> list[Path]:
+        """Every result file in the cache."""
+        return sorted(self.root.glob("*/*.safetensors")) if self.root.is_dir() else []

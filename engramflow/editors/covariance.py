@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from engramflow.editors.files import save_atomic
+from engramflow.editors.files import load_checked, save_atomic
 from engramflow.editors.keys import capture_mlp_inputs, eval_mode, pad_batch, run_until_stop
 
 Corpus = str | Path | Sequence[str]
@@ -223,8 +222,8 @@ def layer_stats(
     out: dict[int, SecondMoment] = {}
     for layer in layers:
         path = path_for(layer)
-        if path is not None and path.exists():
-            t = load_file(str(path))
+        t = load_checked(path) if path is not None else None  # a damaged file is recomputed, never used
+        if t is not None:
             out[layer] = SecondMoment(t["sum_kk"], int(t["n"].item()))
     missing = [layer for layer in layers if layer not in out]
     if missing:

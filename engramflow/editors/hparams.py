@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,7 +140,14 @@ def model_preset(algorithm: str, model: nn.Module | Any) -> Hparams:
     return hp
 
 
+# What a preset's algorithm and model names may be: a name is never a path (`-a ../x` reads nothing).
+_PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
 def load_preset(algorithm: str, model_name: str) -> Hparams:
+    for kind, name in (("algorithm", algorithm), ("model", model_name)):
+        if not isinstance(name, str) or not _PRESET_NAME.match(name) or ".." in name:
+            raise ValueError(f"{name!r} is not a preset {kind} name (letters, digits, '.', '_', '-')")
     path = PRESETS / f"{algorithm}-{model_name}.yaml"
     if not path.exists():
         have = sorted(p.stem for p in PRESETS.glob(f"{algorithm}-*.yaml"))

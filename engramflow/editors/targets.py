@@ -272,6 +272,11 @@ def cached_targets(model: nn.Module, tok, requests: Sequence[Request], layer: in
         fresh = compute_targets(model, tok, [requests[i] for i in missing], layer, prefixes,
                                 chunk_size=chunk_size, **settings)
         steps = fresh.steps
+        diverged = [requests[i].request_id for j, i in enumerate(missing)
+                    if not bool(torch.isfinite(fresh.delta[:, j]).all())]
+        if diverged:  # never cached, never solved for
+            raise ValueError(f"layer {layer}: target optimisation diverged (NaN or infinite target) for request(s) "
+                             f"{', '.join(diverged)}")
         for j, i in enumerate(missing):
             found[i] = {"delta": fresh.delta[:, j], "h": fresh.h[:, j], "loss": fresh.loss[j:j + 1]}
             cache.put(keys[i], found[i])

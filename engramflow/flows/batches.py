@@ -18,7 +18,7 @@ from prefect_ray.context import remote_options
 from engramflow import progress
 from engramflow.data.selection import select_requests
 from engramflow.editors.methods import Method, get_method
-from engramflow.flows.config import RunConfig
+from engramflow.flows.config import RunConfig, validate
 from engramflow.flows.stats import compute_stats
 from engramflow.ledger import (
     Version,
@@ -66,6 +66,7 @@ def _layers(cfg: RunConfig, base: Version, sample: list[str]) -> list[int] | Non
 
 def run_batches(flow_name: str, cfg: RunConfig, run_id: str | None = None) -> str:
     """Run `cfg` as flow `flow_name`; returns the run id. A failure is recorded with its error."""
+    validate(cfg)  # a config that cannot work fails here, before its run is recorded
     store = default_store()
     run_id = run_id or cfg.run_id(flow_name)
 
@@ -79,7 +80,7 @@ def run_batches(flow_name: str, cfg: RunConfig, run_id: str | None = None) -> st
     try:
         _run(flow_name, cfg, run_id, settings)
     except BaseException as err:
-        record("failed", f"{type(err).__name__}: {err}")
+        record("failed", "; ".join([f"{type(err).__name__}: {err}", *getattr(err, "__notes__", [])]))
         raise
     record("completed")
     return run_id

@@ -24,7 +24,7 @@ from engramflow.ledger import (
     save_artifact,
     write_edit_rows,
 )
-from engramflow.runtime import use_assigned_cpus
+from engramflow.runtime import retry_on_worker_loss, use_assigned_cpus
 from engramflow.tasks.stats import load_moments
 
 
@@ -32,7 +32,7 @@ def request_cache() -> editors.RequestCache:
     """Per-request results (optimised targets, SCEN experts) kept under the home: runs that start from
     the same weights (every method of `engramflow demo`, every point of a sweep) compute each once, and
     the shards of `precompute_shard` hand theirs to `edit_batch`."""
-    return editors.RequestCache(home.get_home() / "cache" / "requests")
+    return editors.RequestCache(home.cache_dir("requests"))
 
 
 @task(name="precompute", cache_policy=NO_CACHE)
@@ -62,15 +62,25 @@ def edit_batch(run_id: str, batch_index: int, parent: Version, request_ids: list
     try:
         version = get_version(store, version_id)
     except KeyError:
-        model, tok = materialize(store, parent, device=device, with_state=False)
-        state = load_artifact(store, parent.state_key) if parent.state_key else None
-        history = [load_artifact(store, key) for key in parent.delta_keys]
-        stats = load_moments(store, stats_keys, stats_minus) if stats_keys else None
-        start = time.perf_counter()
-        artifact = editors.edit(model, tok, fetch_requests(store, request_ids), method=method, hparams=hparams,
-                                stats=stats, cache=request_cache(), state=state, history=history)
-        seconds = time.perf_counter() - start
-        version = record_version(store, version_id, parent, artifact, save_artifact(store, artifact), run_id,
+        try:
+            model, tok = materialize(store, parent, device=device, with_state=False)
+            state = load_artifact(store, parent.state_key) if parent.state_key else None
+            history = [load_artifact(store, key) for key in parent.delta_keys]
+            stats = load_moments(store, stats_keys, stats_minus) if stats_keys else None
+            start = time.perf_counter()
+            artifact = editors.edit(model, tok, fetch_requests(store, request_ids), method=method, hparams=hparams,
+                                    stats=stats, cache=request_cache(), state=state, history=history)
+            seconds = time.perf_counter() - start
+            key = save_artifact(store, artifact)  # an artifact with NaN or infinite entries is never stored
+        except Exception as err:
+            err.add_note(f"editing batch {batch_index} of run {run_id} on {parent.version_id}: nothing was committed")
+            raise
+        version = record_version(store, version_id, parent, artifact, key, run_id,
                                  note=f"{method} batch {batch_index} ({len(request_ids)} edits)")
     write_edit_rows(store, run_id, batch_index, version, seconds)
     return version
+
+
+# Both check the ledger (and the cache) before they write: rerunning one whose worker died applies nothing twice.
+retry_on_worker_loss(precompute_shard)
+retry_on_worker_loss(edit_batch)

@@ -13,6 +13,7 @@ resumed flow continues its metrics, never doubles them).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from engramflow.home import get_home
+from engramflow.home import cache_dir
 from engramflow.ledger import (
     Version,
     base_version_id,
@@ -33,8 +34,11 @@ from engramflow.ledger import (
     materialize,
     stable_id,
 )
+from engramflow.runtime import retry_on_worker_loss
 from engramflow.storage import Store
 from engramflow.tasks.stats import corpus_texts
+
+log = logging.getLogger(__name__)
 
 PERPLEXITY_TEXTS = 200  # held-out lines of the corpus for perplexity
 DRIFT = ("probe", "perplexity", "norms")  # what every run records besides its format's protocols
@@ -87,7 +91,7 @@ def unedited_weights(model: Any, deltas: list[Any]) -> dict[int, Any]:
 def reference_dir(base_model: str, protocol: str) -> Path:
     """Where the references of `protocol` on `base_model` are cached: one JSON file per computed set
     of requests, {request id: value}; files are only ever added, so concurrent evaluations are safe."""
-    return get_home() / "cache" / "references" / base_version_id(base_model) / protocol
+    return cache_dir("references") / base_version_id(base_model) / protocol
 
 
 def cached_reference(base_model: str, protocol: str) -> dict[str, Any]:
@@ -95,7 +99,11 @@ def cached_reference(base_model: str, protocol: str) -> dict[str, Any]:
     values: dict[str, Any] = {}
     directory = reference_dir(base_model, protocol)
     for path in sorted(directory.glob("*.json")) if directory.is_dir() else ():
-        values.update(json.loads(path.read_text()))
+        try:
+            values.update(json.loads(path.read_text()))
+        except (ValueError, UnicodeDecodeError) as err:  # damaged: recomputed, never used
+            log.warning("ignoring and removing a damaged reference file %s (%s); it will be recomputed", path, err)
+            path.unlink(missing_ok=True)
     return values
 
 
@@ -158,6 +166,9 @@ def evaluate_version(run_id: str, version: Version, step: int, edited_ids: list[
         row.update(run_id=run_id, model_version=version.version_id, step=step)
     store.append("metrics", rows)
     return len(rows)
+
+
+retry_on_worker_loss(evaluate_version)  # a version whose metrics are recorded is not scored again
 
 
 def evaluate_revert(store: Store, version: Version) -> int:

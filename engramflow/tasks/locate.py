@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from engramflow import home
 from engramflow.ledger import Version, default_store, fetch_requests, materialize, stable_id
+from engramflow.runtime import retry_on_worker_loss
 
 
 @task(name="locate", cache_policy=NO_CACHE)
@@ -28,6 +29,9 @@ def locate_layers(base: Version, request_ids: list[str], window: int = 1, sample
         traces = tracing.trace_requests(model, tok, requests, noise, samples=samples)
         rows = [{**row, "trace_id": trace_id, "base_model": base.base_model} for t in traces for row in t.rows]
         tracing.plot_heatmaps(rows, home.get_home() / "reports" / "traces" / trace_id)
-        store.append("traces", rows)
+        store.append_once("traces", rows, "trace_id")  # two runs tracing the same sample write it once
     chosen = tracing.choose_layers(rows, memit_window=window)
     return [chosen["rome_layer"]] if window == 1 else chosen["memit_layers"]
+
+
+retry_on_worker_loss(locate_layers)  # a finished trace is reused, its rows written once

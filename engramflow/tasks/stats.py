@@ -14,6 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from engramflow.ledger import Version, default_store, materialize, stable_id
+from engramflow.runtime import retry_on_worker_loss
 from engramflow.storage import Store
 
 
@@ -38,8 +39,10 @@ def stats_id(base_model: str, layer: int, corpus: str, shard: int, n_shards: int
 
 
 def recorded_stats(store: Store, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """stats id -> its newest row whose tensor is in the store (a quarantined tensor is recomputed)."""
     table = store.read("stats", filter=pc.field("stats_id").isin(ids))
-    return {row["stats_id"]: row for row in table.to_pylist()}
+    rows = sorted(table.to_pylist(), key=lambda row: row["created_at"])
+    return {row["stats_id"]: row for row in rows if store.has_tensors(row["tensor_key"])}
 
 
 @task(name="covariance-shard", cache_policy=NO_CACHE)
@@ -76,12 +79,23 @@ def stats_shard(base: Version, layers: list[int], corpus: str, shard: int, n_sha
             partial = {layer: SecondMoment(torch.zeros(d_mlp, d_mlp, dtype=torch.float64), 0) for layer in todo}
         rows = []
         for layer, moment in partial.items():
-            key = store.put_tensors({"sum_kk": moment.sum_kk.contiguous()}, {"n": str(moment.n)})
+            key = _put_moment(store, moment, f"layer {layer}, shard {shard}/{n_shards} of corpus {corpus!r}")
             rows.append({"stats_id": ids[layer], "base_model": base.base_model, "layer": layer, "corpus": corpus,
                          "shard": shard, "n_shards": n_shards, "max_tokens": max_tokens, "max_samples": max_samples,
                          "excluded": excluded, "n": moment.n, "tensor_key": key})
-        store.append("stats", rows)
+        # Two runs may compute the same shard at once: its row is written once.
+        store.append_once("stats", rows, "stats_id", valid=lambda row: store.has_tensors(row["tensor_key"]))
     return ids
+
+
+def _put_moment(store: Store, moment: Any, what: str) -> str:
+    """Store a second moment; ValueError naming `what` if it has non-finite entries (never stored)."""
+    from engramflow.storage import NonFiniteTensorError
+
+    try:
+        return store.put_tensors({"sum_kk": moment.sum_kk.contiguous()}, {"n": str(moment.n)})
+    except NonFiniteTensorError:
+        raise ValueError(f"covariance statistics of {what} have NaN or infinite entries; not stored") from None
 
 
 @task(name="covariance-reduce", cache_policy=NO_CACHE)
@@ -98,8 +112,7 @@ def stats_reduce(shard_ids: list[dict[int, str]]) -> dict[int, str]:
             row = rows[sid]
             part[int(layer)] = SecondMoment(store.get_tensors(row["tensor_key"])["sum_kk"], int(row["n"]))
         partials.append(part)
-    return {layer: store.put_tensors({"sum_kk": m.sum_kk.contiguous()}, {"n": str(m.n)})
-            for layer, m in reduce_stats(partials).items()}
+    return {layer: _put_moment(store, m, f"layer {layer} (all shards)") for layer, m in reduce_stats(partials).items()}
 
 
 def load_moments(store: Store, keys: dict[int, str], minus: dict[int, str] | None = None) -> dict[int, Any]:
@@ -108,7 +121,15 @@ def load_moments(store: Store, keys: dict[int, str], minus: dict[int, str] | Non
     from engramflow.editors.covariance import SecondMoment, without
 
     def read(keys: dict[int, str]) -> dict[int, Any]:
-        return {int(layer): SecondMoment(store.get_tensors(key)["sum_kk"], int(store.tensor_metadata(key)["n"]))
-                for layer, key in keys.items()}
+        moments = {}
+        for layer, key in keys.items():
+            tensors, metadata = store.load_tensors(key)
+            moments[int(layer)] = SecondMoment(tensors["sum_kk"], int(metadata["n"]))
+        return moments
 
     return without(read(keys), read(minus)) if minus else read(keys)
+
+
+# A shard's row is written once (`append_once`) and a reduction is content-addressed: both are safe to rerun.
+retry_on_worker_loss(stats_shard)
+retry_on_worker_loss(stats_reduce)
