@@ -25,6 +25,9 @@ COMMANDS: list[str] = [
     "run",
     "demo",
     "report",
+    "continual",
+    "alias",
+    "export",
 ]
 
 
