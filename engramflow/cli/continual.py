@@ -74,6 +74,37 @@ def register(app: typer.Typer) -> None:
         Console().print(tick_table(result))
         raise typer.Exit(result.exit_code)
 
+    @continual_app.command("example-drop")
+    def example_drop(
+        out: Path = typer.Argument(..., help="The JSONL file to write (e.g. inbox/day1.jsonl)."),
+        world: str = typer.Option("world", help="An embedded world: world (the organism's) or world-tiny."),
+        n: int = typer.Option(20, min=1, help="Facts, one per subject."),
+        offset: int = typer.Option(0, min=0, help="Start at this subject (a later drop takes the next ones)."),
+    ) -> None:
+        """Write N counterfactual edits of the embedded world as a drop in the user JSONL format (written
+        under a hidden name and renamed, as a drop should land)."""
+        import json
+
+        from engramflow.data.world import named_world
+
+        facts = named_world(world)
+        if facts is None:
+            raise typer.BadParameter(f"--world {world!r}: use world or world-tiny")
+        records, subjects = [], set()
+        for record in facts.user_records():
+            if record["subject"] not in subjects:
+                subjects.add(record["subject"])
+                records.append(record)
+        chosen = records[offset: offset + n]
+        if len(chosen) < n:
+            raise typer.BadParameter(f"the {world} world has {len(records)} subjects: --offset {offset} --n {n} "
+                                     "asks for more")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen))
+        os.replace(tmp, out)
+        typer.echo(f"{out}: {n} facts of {world} (subjects {offset}..{offset + n - 1})")
+
     @continual_app.command("serve")
     def serve(
         inbox: str = typer.Option(..., help="Folder or fsspec URL the drops land in."),
@@ -133,7 +164,10 @@ def tick_table(result) -> object:
                          ("drops", str(len(result.drops))), ("promoted", str(result.promoted)),
                          ("quarantined", str(result.quarantined)), ("superseded", str(result.superseded)),
                          ("already live", str(result.already_live)), ("rejected records", str(result.rejected)),
+                         ("candidates edited", f"{result.edit_seconds:.1f} s"),
                          ("gate evaluations", f"{result.gate_evaluations} ({result.gate_seconds:.1f} s)"),
+                         ("finding offenders", f"{result.bisect_evaluations} evaluations, "
+                                               f"{result.bisect_seconds:.1f} s"),
                          ("seconds", f"{result.seconds:.1f}")):
         table.add_row(label, value)
     table.caption = result.message

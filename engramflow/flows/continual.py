@@ -52,7 +52,7 @@ from engramflow.tasks.gate import (
     decide,
     load_gate,
     measure_version,
-    perplexity_source,
+    perplexity_texts,
     record_gate,
     select_probes,
     world_of,
@@ -102,7 +102,10 @@ class TickResult:
     rejected: int = 0
     gate_evaluations: int = 0  # measured this tick
     gate_reused: int = 0  # found recorded by an interrupted tick
-    gate_seconds: float = 0.0
+    edit_seconds: float = 0.0  # building candidates (targets, solves)
+    gate_seconds: float = 0.0  # measuring them
+    bisect_seconds: float = 0.0  # wall time from the first failed gate to the promoted version
+    bisect_evaluations: int = 0  # gate evaluations after the first failed one
     seconds: float = 0.0
 
     @property
@@ -273,8 +276,9 @@ class _Tick:
             result.message = (
                 f"{self.cfg.alias}: {len(result.drops)} drop(s), {result.promoted} request(s) promoted, "
                 f"{result.quarantined} quarantined, {result.superseded} superseded, {result.already_live} already "
-                f"live, {result.rejected} rejected; {result.gate_evaluations} gate evaluation(s) in "
-                f"{result.gate_seconds:.1f} s; {self.cfg.alias} -> {parent.version_id}")
+                f"live, {result.rejected} rejected; {result.gate_evaluations} gate evaluation(s) "
+                f"({result.bisect_evaluations} finding offenders, {result.bisect_seconds:.1f} s); "
+                f"{self.cfg.alias} -> {parent.version_id}")
         return result
 
     def _start(self) -> tuple[Version, str]:
@@ -462,19 +466,21 @@ class _Unit:
         live_ids = [e.request_id for e in self.live]
         excluded = sorted({self.requests[r].subject for r in live_ids} | {r.subject for r in to_edit})
         self.probes = select_probes.submit(self.settings, self.corpus, excluded).result()
-        self.text = perplexity_source(self.settings, self.corpus)
+        self.texts = perplexity_texts(self.settings, self.corpus, excluded)
         batches = plan_batches(to_edit, self.cfg.batch_size, set(self.supersedes))
         self.log.info("run %s: %d request(s) in %d batch(es) of at most %d with %s on %s; %d earlier edit(s), "
                       "%d probe(s)", self.run_id, len(to_edit), len(batches), self.cfg.batch_size, self.algorithm,
                       self.parent.version_id, len(live_ids), len(self.probes))
         # The current version is measured once, beside the first candidate's edit.
         current = measure_version.submit(self.parent, [r.request_id for r in to_edit] + live_ids, self.probes,
-                                         self.text, self.settings.perplexity_lines, self.algorithm,
-                                         self.cfg.hparams, self.cfg.device)
-        started = time.perf_counter()
+                                         self.texts, self.algorithm, self.cfg.hparams, self.cfg.device)
         self._current_future = current
+        self.failed_at: float | None = None  # when the first gate failed
+        evaluations = self.result.gate_evaluations
         final, accepted = self._settle(self.parent, [], batches, "drop")
-        self.result.gate_seconds += time.perf_counter() - started
+        if self.failed_at is not None:
+            self.result.bisect_seconds += time.perf_counter() - self.failed_at
+            self.result.bisect_evaluations += self.result.gate_evaluations - evaluations - 1
         self.result.quarantined += len(self.quarantined)
         self.result.promoted += len(accepted)
         return final, accepted
@@ -482,8 +488,11 @@ class _Unit:
     def _candidate(self, base: Version, ids: list[str]) -> Version:
         ids = sorted(ids, key=self.index.__getitem__)
         remove = sorted({old for r in ids for old in self.supersedes.get(r, [])})
-        return edit_candidate.submit(base, ids, remove, self.algorithm, self.cfg.hparams, self.stats_keys,
-                                     self.cfg.device).result()
+        started = time.perf_counter()
+        version = edit_candidate.submit(base, ids, remove, self.algorithm, self.cfg.hparams, self.stats_keys,
+                                        self.cfg.device).result()
+        self.result.edit_seconds += time.perf_counter() - started
+        return version
 
     def _current(self) -> dict[str, Any]:
         if self.current is None:
@@ -504,11 +513,13 @@ class _Unit:
             row = found[-1]
         else:
             earlier = self._earlier(own)
-            m = measure_version.submit(version, own + earlier, self.probes, self.text,
-                                       self.settings.perplexity_lines, self.algorithm, self.cfg.hparams,
-                                       self.cfg.device).result()
+            started = time.perf_counter()
+            current = self._current()
+            m = measure_version.submit(version, own + earlier, self.probes, self.texts, self.algorithm,
+                                       self.cfg.hparams, self.cfg.device).result()
+            self.result.gate_seconds += time.perf_counter() - started
             self.measured[version.version_id] = m
-            decision = decide(self._current(), m, own, earlier, self.settings)
+            decision = decide(current, m, own, earlier, self.settings)
             self.result.gate_evaluations += 1
             row = {"gate_id": gate_id, "tick_id": self.tick.tick_id, "run_id": self.run_id, "alias": self.cfg.alias,
                    "candidate_version": version.version_id, "current_version": self.parent.version_id,
@@ -517,6 +528,8 @@ class _Unit:
                    "passed": decision.passed, "reason": decision.reason, "seconds": m["seconds"]}
             record_gate(self.store, row)
         self.gate_rows[version.version_id] = row
+        if not row["passed"] and self.failed_at is None:
+            self.failed_at = time.perf_counter()
         self.log.info("gate %s of %s (%s, %d request(s)): %s", row["evaluation"], version.version_id, stage,
                       len(own), row["reason"])
         return bool(row["passed"])
@@ -570,7 +583,9 @@ class _Unit:
 
     def _quarantine(self, rid: str, failed: Version) -> None:
         row = self.gate_rows[failed.version_id]
-        self.quarantined[rid] = {"reason": f"gate {row['evaluation']} with this request failed: {row['reason']}",
+        kept = self.supersedes.get(rid)
+        note = f" (a correction of live request(s) {', '.join(kept)}, which stay)" if kept else ""
+        self.quarantined[rid] = {"reason": f"gate {row['evaluation']} with this request failed{note}: {row['reason']}",
                                  "gate_id": row["gate_id"]}
         self.log.warning("quarantined request %s: %s", rid, row["reason"])
 
@@ -597,8 +612,8 @@ class _Unit:
         earlier = self._earlier(accepted)
         if final.version_id not in self.measured:  # its gate row was found, not measured this time
             self.measured[final.version_id] = measure_version.submit(
-                final, accepted + earlier, self.probes, self.text, self.settings.perplexity_lines, self.algorithm,
-                self.cfg.hparams, self.cfg.device).result()
+                final, accepted + earlier, self.probes, self.texts, self.algorithm, self.cfg.hparams,
+                self.cfg.device).result()
         for step, version, m in ((-1, self.parent, self._current()), (0, final, self.measured[final.version_id])):
             if is_evaluated(self.store, self.run_id, version.version_id):
                 continue
