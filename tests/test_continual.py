@@ -451,6 +451,10 @@ def test_a_served_deployment_fires_on_its_own_and_quarantines_a_harmful_drop(tin
     quarantined = [o for o in outcomes if o["outcome"] == "quarantined"]
     assert len(quarantined) == 3 and all("retention" in o["reason"] for o in quarantined)
     failed = [g for g in _alias_rows(store, "gates", "production") if not g["passed"]]
+    (cost,) = store.sql(f"select gate_evaluations, bisect_evaluations from ticks where status = 'completed' "
+                        f"and tick_id = '{second['tick_id']}'").to_pylist()
+    gated = [g for g in _alias_rows(store, "gates", "production") if g["tick_id"] == second["tick_id"]]
+    assert cost["gate_evaluations"] == len(gated) and 0 < cost["bisect_evaluations"] == len(gated) - 1
     assert {o["gate_id"] for o in quarantined} <= {g["gate_id"] for g in failed}
     assert all(g["retention_drop"] > g["max_retention_drop"] for g in failed)
     history = alias_history(store, "production")

@@ -244,7 +244,8 @@ class _Tick:
         if result is not None:
             row.update(version_before=result.version_before, version_after=result.version_after,
                        n_drops=len(result.drops), n_promoted=result.promoted, n_quarantined=result.quarantined,
-                       gate_evaluations=result.gate_evaluations, detail=result.message)
+                       gate_evaluations=result.gate_evaluations, bisect_evaluations=result.bisect_evaluations,
+                       bisect_seconds=result.bisect_seconds, detail=result.message)
         self.store.append("ticks", [row])
 
     def run(self) -> TickResult:

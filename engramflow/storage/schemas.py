@@ -249,6 +249,8 @@ TICKS = pa.schema([
     _f("n_promoted", pa.int64(), True),
     _f("n_quarantined", pa.int64(), True),
     _f("gate_evaluations", pa.int64(), True),
+    _f("bisect_evaluations", pa.int64(), True),  # of those, spent finding offenders after a failed gate
+    _f("bisect_seconds", pa.float64(), True),
     _f("detail", pa.string(), True),
     _f("started_at", UTC_TS),
     _f("updated_at", UTC_TS),
