@@ -28,6 +28,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 from prefect import flow, get_run_logger
+from prefect_ray.context import remote_options
 
 from engramflow import home
 from engramflow.aliases import AliasBusy, alias_lock, check_alias_name, current_alias, live_edits, set_alias
@@ -44,6 +45,7 @@ from engramflow.ledger import (
     stable_id,
     write_edit_rows,
 )
+from engramflow.runtime import cpu_options
 from engramflow.storage import Store
 from engramflow.tasks.edit import edit_candidate
 from engramflow.tasks.evaluate import is_evaluated
@@ -82,6 +84,7 @@ class ContinualConfig:
     gate: str | dict[str, Any] | None = None  # a YAML file or overrides of tasks/gate_defaults.yaml
     wait: float = 0.0  # seconds to wait for a running tick of the same alias before skipping
     device: str = "cpu"
+    edit_cpus: int = 2  # Ray CPUs (torch threads) of an edit or a measurement on the CPU
 
 
 @dataclass
@@ -472,9 +475,10 @@ class _Unit:
         self.log.info("run %s: %d request(s) in %d batch(es) of at most %d with %s on %s; %d earlier edit(s), "
                       "%d probe(s)", self.run_id, len(to_edit), len(batches), self.cfg.batch_size, self.algorithm,
                       self.parent.version_id, len(live_ids), len(self.probes))
-        # The current version is measured once, beside the first candidate's edit.
-        current = measure_version.submit(self.parent, [r.request_id for r in to_edit] + live_ids, self.probes,
-                                         self.texts, self.algorithm, self.cfg.hparams, self.cfg.device)
+        # The current version is measured once, when the first candidate's edit leaves it a worker.
+        with self._resources():
+            current = measure_version.submit(self.parent, [r.request_id for r in to_edit] + live_ids, self.probes,
+                                             self.texts, self.algorithm, self.cfg.hparams, self.cfg.device)
         self._current_future = current
         self.failed_at: float | None = None  # when the first gate failed
         evaluations = self.result.gate_evaluations
@@ -490,10 +494,15 @@ class _Unit:
         ids = sorted(ids, key=self.index.__getitem__)
         remove = sorted({old for r in ids for old in self.supersedes.get(r, [])})
         started = time.perf_counter()
-        version = edit_candidate.submit(base, ids, remove, self.algorithm, self.cfg.hparams, self.stats_keys,
-                                        self.cfg.device).result()
+        with self._resources():
+            version = edit_candidate.submit(base, ids, remove, self.algorithm, self.cfg.hparams, self.stats_keys,
+                                            self.cfg.device).result()
         self.result.edit_seconds += time.perf_counter() - started
         return version
+
+    def _resources(self) -> Any:
+        """Ray resources of an edit or a measurement: `edit_cpus` cores on the CPU, a GPU on CUDA."""
+        return remote_options(**cpu_options(self.cfg.device, self.cfg.edit_cpus))
 
     def _current(self) -> dict[str, Any]:
         if self.current is None:
@@ -516,8 +525,9 @@ class _Unit:
             earlier = self._earlier(own)
             started = time.perf_counter()
             current = self._current()
-            m = measure_version.submit(version, own + earlier, self.probes, self.texts, self.algorithm,
-                                       self.cfg.hparams, self.cfg.device).result()
+            with self._resources():
+                m = measure_version.submit(version, own + earlier, self.probes, self.texts, self.algorithm,
+                                           self.cfg.hparams, self.cfg.device).result()
             self.result.gate_seconds += time.perf_counter() - started
             self.measured[version.version_id] = m
             decision = decide(current, m, own, earlier, self.settings)
@@ -612,9 +622,10 @@ class _Unit:
         reads them: ES/PS of the drop's and the earlier edits, probe top-1, perplexity."""
         earlier = self._earlier(accepted)
         if final.version_id not in self.measured:  # its gate row was found, not measured this time
-            self.measured[final.version_id] = measure_version.submit(
-                final, accepted + earlier, self.probes, self.texts, self.algorithm, self.cfg.hparams,
-                self.cfg.device).result()
+            with self._resources():
+                self.measured[final.version_id] = measure_version.submit(
+                    final, accepted + earlier, self.probes, self.texts, self.algorithm, self.cfg.hparams,
+                    self.cfg.device).result()
         for step, version, m in ((-1, self.parent, self._current()), (0, final, self.measured[final.version_id])):
             if is_evaluated(self.store, self.run_id, version.version_id):
                 continue
