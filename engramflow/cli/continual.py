@@ -28,6 +28,13 @@ def parse_interval(value: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
+def _inbox(path: str) -> str:
+    """The inbox as the flow takes it; a local one must be a directory (checked before anything starts)."""
+    if "://" not in path and not Path(path).is_dir():
+        raise typer.BadParameter(f"{path} is not a directory", param_hint="--inbox")
+    return _local(path)
+
+
 def _local(path: str | None) -> str | None:
     """An absolute path for a local path (the served flow runs elsewhere); URLs as they are."""
     return path if path is None or "://" in path else str(Path(path).resolve())
@@ -66,7 +73,7 @@ def register(app: typer.Typer) -> None:
             load_gate(gate)
         except ValueError as err:
             raise typer.BadParameter(str(err), param_hint="--gate") from None
-        cfg = ContinualConfig(inbox=_local(inbox), model=resolve_model(model), alias=alias, algorithm=algorithm,
+        cfg = ContinualConfig(inbox=_inbox(inbox), model=resolve_model(model), alias=alias, algorithm=algorithm,
                               gate=_local(gate), format=format, batch_size=batch_size, hparams=_hparams(hparams),
                               corpus=corpus, wait=wait, device=device)
         with pipeline_runtime(ray_address=ray_address):
@@ -142,7 +149,7 @@ def register(app: typer.Typer) -> None:
             load_gate(gate)
         except ValueError as err:
             raise typer.BadParameter(str(err)) from None
-        parameters = {"inbox": _local(inbox), "model": _local(model) if Path(model).exists() else model,
+        parameters = {"inbox": _inbox(inbox), "model": _local(model) if Path(model).exists() else model,
                       "alias": alias, "algorithm": algorithm, "gate": _local(gate), "format": format,
                       "batch_size": batch_size, "hparams": _hparams(hparams), "corpus": corpus, "device": device,
                       "ray_address": ray_address}
