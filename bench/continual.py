@@ -1,7 +1,8 @@
 """Continual editing on the embedded model: one tick's time for a drop of N world facts, and what the
 gate's bisection costs when a drop carries a few harmful requests.
 
-    .venv/bin/python bench/continual.py [--model organism|PATH] [--sizes 50,200] [--harm 2] [-a memit]
+    .venv/bin/python bench/continual.py [--model organism|PATH] [--sizes 50,200] [--harm 5] [-a memit]
+                                        [--edit-cpus 2]
 
 Each size runs in a fresh home, so its tick is cold: the covariance statistics and every target are
 computed. Reported from inside the flow (the Prefect API and Ray start are reported apart): the tick's
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--harm", type=int, default=5)
     parser.add_argument("-a", "--algorithm", default="memit")
     parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--edit-cpus", type=int, default=2, help="cores (torch threads) of an edit or a measurement")
     args = parser.parse_args()
 
     home.quiet_env()
@@ -83,7 +85,7 @@ def main() -> None:
         with pipeline_runtime():
             runtime_s = time.perf_counter() - started
             cfg = ContinualConfig(inbox=str(inbox), model=model, alias="bench", algorithm=args.algorithm,
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, edit_cpus=args.edit_cpus)
             write_drop(inbox, "day1.jsonl", every[:size])
             first = continual_flow.with_options(task_runner=task_runner())(cfg)
             lines.append(_line(f"drop of {size}", first, default_store()))
