@@ -108,6 +108,17 @@ def record_version(store: Store, version_id: str, parent: Version, artifact: Any
         return _write_version(store, version, note)
 
 
+def record_derived_version(store: Store, version_id: str, parent: Version, delta_keys: tuple[str, ...],
+                           state_key: str | None, run_id: str | None, note: str | None = None) -> Version:
+    """Record a version made from `parent` with the given artifacts (some of the parent's taken out or
+    replaced, a new one added). Idempotent: an existing row is returned as is."""
+    try:
+        return get_version(store, version_id)
+    except KeyError:
+        return _write_version(store, Version(version_id, parent.base_model, tuple(delta_keys), parent.version_id,
+                                             run_id, state_key), note)
+
+
 def committed_batches(store: Store, run_id: str) -> dict[int, str]:
     """batch index -> version id, for every batch of `run_id` whose version row is recorded."""
     table = store.read("model_versions", columns=["version_id", "run_id"],

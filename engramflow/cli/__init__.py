@@ -26,6 +26,9 @@ COMMANDS: list[str] = [
     "demo",
     "report",
     "doctor",
+    "continual",
+    "alias",
+    "export",
 ]
 
 

@@ -198,6 +198,13 @@ class World:
             })
         return records
 
+    def user_records(self) -> list[dict]:
+        """The facts as records of the user file formats (jsonl/csv/parquet ingest): subject, prompt,
+        target_new, target_true, paraphrase_prompts, relation, case_id."""
+        return [{"subject": f.subject, "prompt": f.prompt, "target_new": f.target_new, "target_true": f.target_true,
+                 "paraphrase_prompts": f.heldout_prompts(), "relation": f.relation_id, "case_id": str(f.case_id)}
+                for f in self.facts]
+
     def write_counterfact(self, path: str | Path) -> Path:
         """Write `counterfact_records()` as a CounterFact JSON file."""
         path = Path(path)

@@ -149,6 +149,113 @@ TRACES = pa.schema([
     _f("recorded_at", UTC_TS),
 ])
 
+# Continual editing (docs/continual.md). Files taken from an alias's inbox: one row per state change of
+# a drop (`taken`, then one final status), a drop being a file's content (sha256): a file that changes
+# is a new drop, one that does not is never taken twice.
+DROPS = pa.schema([
+    _f("drop_id", pa.string()),
+    _f("alias", pa.string()),
+    _f("source", pa.string()),  # the file's path or URL when it was taken
+    _f("sha256", pa.string()),
+    _f("bytes", pa.int64()),
+    _f("format", pa.string(), True),
+    _f("position", pa.int32()),  # order within the take (modification time, then name): later is newer
+    _f("tick_id", pa.string()),
+    _f("run_id", pa.string(), True),
+    _f("status", pa.string()),  # taken | promoted | partial | quarantined | empty | failed
+    _f("n_requests", pa.int64(), True),
+    _f("n_rejected", pa.int64(), True),
+    _f("n_promoted", pa.int64(), True),
+    _f("n_quarantined", pa.int64(), True),
+    _f("detail", pa.string(), True),
+    _f("recorded_at", UTC_TS),
+])
+
+# What became of each valid request of a drop, with the reason when it was not promoted.
+DROP_REQUESTS = pa.schema([
+    _f("drop_id", pa.string()),
+    _f("alias", pa.string()),
+    _f("request_id", pa.string()),
+    _f("tick_id", pa.string()),
+    _f("run_id", pa.string()),
+    _f("outcome", pa.string()),  # promoted | quarantined | superseded | already_live
+    _f("version", pa.string(), True),  # the alias's version after the decision
+    _f("supersedes", pa.list_(pa.string())),  # live requests this correction replaced
+    _f("reason", pa.string(), True),
+    _f("gate_id", pa.string(), True),  # the gate evaluation behind a quarantine
+    _f("recorded_at", UTC_TS),
+])
+
+# One quality-gate evaluation: a candidate version against the alias's current one, every measured
+# value beside its threshold (null: not measurable, e.g. no earlier edits), and the decision.
+GATES = pa.schema([
+    _f("gate_id", pa.string()),
+    _f("tick_id", pa.string()),
+    _f("run_id", pa.string()),
+    _f("alias", pa.string()),
+    _f("candidate_version", pa.string()),
+    _f("current_version", pa.string()),
+    _f("evaluation", pa.int32()),  # 1, 2, ... within the run: what the bisect cost
+    _f("stage", pa.string()),  # drop (everything) | prefix (first failing batch) | bisect (a subset)
+    _f("request_ids", pa.list_(pa.string())),  # the drop's requests in the candidate
+    _f("es", pa.float64(), True),
+    _f("min_es", pa.float64()),
+    _f("ps", pa.float64(), True),
+    _f("min_ps", pa.float64()),
+    _f("retention", pa.float64(), True),
+    _f("retention_current", pa.float64(), True),
+    _f("retention_drop", pa.float64(), True),
+    _f("max_retention_drop", pa.float64()),
+    _f("probe_top1", pa.float64(), True),
+    _f("probe_top1_current", pa.float64(), True),
+    _f("probe_drop", pa.float64(), True),
+    _f("max_probe_drop", pa.float64()),
+    _f("perplexity", pa.float64(), True),
+    _f("perplexity_current", pa.float64(), True),
+    _f("perplexity_rise", pa.float64(), True),
+    _f("max_perplexity_rise", pa.float64()),
+    _f("n_earlier", pa.int64()),
+    _f("n_probes", pa.int64()),
+    _f("passed", pa.bool_()),
+    _f("reason", pa.string()),
+    _f("seconds", pa.float64(), True),
+    _f("recorded_at", UTC_TS),
+])
+
+# Named model versions: append-only history; an alias points at the version of its newest row.
+ALIASES = pa.schema([
+    _f("alias", pa.string()),
+    _f("version", pa.string()),
+    _f("previous_version", pa.string(), True),
+    _f("action", pa.string()),  # create | promote | set | rollback
+    _f("set_by", pa.string()),  # "tick <id>", "engramflow alias set", "engramflow rollback"
+    _f("tick_id", pa.string(), True),
+    _f("algorithm", pa.string(), True),  # the method later ticks edit with
+    _f("drop_ids", pa.list_(pa.string())),  # the drops a promotion carries
+    _f("note", pa.string(), True),
+    _f("set_at", UTC_TS),
+])
+
+# Continual ticks: one row per status change (running, then completed / skipped / failed).
+TICKS = pa.schema([
+    _f("tick_id", pa.string()),
+    _f("alias", pa.string()),
+    _f("inbox", pa.string()),
+    _f("flow_run_id", pa.string(), True),
+    _f("status", pa.string()),
+    _f("version_before", pa.string(), True),
+    _f("version_after", pa.string(), True),
+    _f("n_drops", pa.int64(), True),
+    _f("n_promoted", pa.int64(), True),
+    _f("n_quarantined", pa.int64(), True),
+    _f("gate_evaluations", pa.int64(), True),
+    _f("bisect_evaluations", pa.int64(), True),  # of those, spent finding offenders after a failed gate
+    _f("bisect_seconds", pa.float64(), True),
+    _f("detail", pa.string(), True),
+    _f("started_at", UTC_TS),
+    _f("updated_at", UTC_TS),
+])
+
 SCHEMAS: dict[str, pa.Schema] = {
     "requests": REQUESTS,
     "rejects": REJECTS,
@@ -159,6 +266,11 @@ SCHEMAS: dict[str, pa.Schema] = {
     "experts": EXPERTS,
     "stats": STATS,
     "traces": TRACES,
+    "drops": DROPS,
+    "drop_requests": DROP_REQUESTS,
+    "gates": GATES,
+    "aliases": ALIASES,
+    "ticks": TICKS,
 }
 
 # Timestamp columns filled with the write time when a row leaves them out.
@@ -172,6 +284,11 @@ WRITE_TIME_COLUMNS: dict[str, str] = {
     "experts": "created_at",
     "stats": "created_at",
     "traces": "recorded_at",
+    "drops": "recorded_at",
+    "drop_requests": "recorded_at",
+    "gates": "recorded_at",
+    "aliases": "set_at",
+    "ticks": "updated_at",
 }
 
 
@@ -181,6 +298,8 @@ COLUMN_DEFAULTS: dict[str, dict[str, object]] = {
     "runs": {"params": "{}"},
     "model_versions": {"delta_keys": []},
     "experts": {"removed": False},
+    "drop_requests": {"supersedes": []},
+    "aliases": {"drop_ids": []},
 }
 
 

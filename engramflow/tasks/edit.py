@@ -1,7 +1,8 @@
 """Batched editing stage, for every method: compute a batch's per-request work in shards
 (`precompute_shard`, one task per worker: targets, or SCEN's experts), then edit the batch into the
 parent version, store the artifact, commit the new model version and write the batch's `edits` rows
-(`edit_batch`)."""
+(`edit_batch`). Continual editing builds candidate versions instead (`edit_candidate`): its `edits`
+rows are written for what the gate promotes."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from engramflow.ledger import (
     get_version,
     load_artifact,
     materialize,
+    record_derived_version,
     record_version,
     save_artifact,
+    stable_id,
     write_edit_rows,
 )
 from engramflow.runtime import retry_on_worker_loss, use_assigned_cpus
@@ -81,6 +84,65 @@ def edit_batch(run_id: str, batch_index: int, parent: Version, request_ids: list
     return version
 
 
-# Both check the ledger (and the cache) before they write: rerunning one whose worker died applies nothing twice.
+def candidate_version_id(base: Version, request_ids: list[str], remove: list[str], method: str,
+                         hparams: dict[str, Any] | None, stats_keys: dict[int, str] | None) -> str:
+    """The id of the candidate `edit_candidate` builds: a hash of everything that determines it."""
+    return stable_id("cand", base.version_id, list(request_ids), sorted(remove), method, hparams or {},
+                     {str(k): v for k, v in (stats_keys or {}).items()})
+
+
+@task(name="edit-candidate", cache_policy=NO_CACHE)
+def edit_candidate(base: Version, request_ids: list[str], remove: list[str], method: str,
+                   hparams: dict[str, Any] | None, stats_keys: dict[int, str] | None, device: str = "cpu",
+                   ) -> Version:
+    """A candidate version: `base` without the live edits `remove` (corrected facts; a delta is one
+    solve over its batch, so it goes whole and the rest of its batch is edited again with these
+    requests; a state artifact loses exactly those), plus `request_ids` edited in as one batch. Its id
+    is a hash of exactly that, so a bisect or a resumed tick asking again gets the recorded version
+    (and per-request work from the cache). No `edits` rows: those are written for what is promoted, and
+    no run: a candidate belongs to whichever tick promotes it (`engramflow revert`, which works on a
+    run's newest version, does not apply; a correction or a rollback does)."""
+    use_assigned_cpus()
+    store = default_store()
+    version_id = candidate_version_id(base, request_ids, remove, method, hparams, stats_keys)
+    try:
+        return get_version(store, version_id)
+    except KeyError:
+        pass
+    removing = set(remove)
+    keys: list[str] = []
+    survivors: list[str] = []
+    for key in base.delta_keys:
+        artifact = load_artifact(store, key)
+        hit = sorted(removing & set(artifact.request_ids))
+        if not hit:
+            keys.append(key)
+            continue
+        smaller = artifact.without(hit)
+        if smaller is None:
+            survivors += [r for r in artifact.request_ids if r not in removing and r not in request_ids]
+        else:
+            keys.append(save_artifact(store, smaller))
+    state_key = base.state_key
+    state = load_artifact(store, state_key) if state_key else None
+    if state is not None and removing & set(state.request_ids):
+        state = state.without(sorted(removing & set(state.request_ids)))
+        state_key = save_artifact(store, state)
+    stripped = Version(version_id, base.base_model, tuple(keys), base.version_id, None, state_key)
+    model, tok = materialize(store, stripped, device=device, with_state=False)
+    stats = load_moments(store, stats_keys) if stats_keys else None
+    artifact = editors.edit(model, tok, fetch_requests(store, [*survivors, *request_ids]), method=method,
+                            hparams=hparams, stats=stats, cache=request_cache(), state=state,
+                            history=[load_artifact(store, key) for key in keys])
+    key = save_artifact(store, artifact)
+    delta_keys, new_state = ((*keys, key), state_key) if artifact.stacks else (tuple(keys), key)
+    note = f"{method} candidate: {len(request_ids)} edits"
+    if remove:
+        note += f", {len(remove)} corrected, {len(survivors)} edited again with them"
+    return record_derived_version(store, version_id, base, delta_keys, new_state, None, note)
+
+
+# Each checks the ledger (and the cache) before it writes: rerunning one whose worker died applies nothing twice.
 retry_on_worker_loss(precompute_shard)
 retry_on_worker_loss(edit_batch)
+retry_on_worker_loss(edit_candidate)
