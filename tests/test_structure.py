@@ -26,7 +26,8 @@ LAYERS: list[set[str]] = [
     {"engramflow.flows"},
     {"engramflow.cli"},
 ]
-MIDDLE = {"engramflow.models", "engramflow.ledger", "engramflow.runtime", "engramflow.report"}
+MIDDLE = {"engramflow.models", "engramflow.ledger", "engramflow.runtime", "engramflow.report",
+          "engramflow.sweep_report", "engramflow.localcluster"}
 # Packages that import nothing of engramflow but themselves: usable on their own, in any environment.
 SELF_CONTAINED = {"engramflow.editors", "engramflow.storage"}
 # Third-party packages a layer must not import (editors is plain torch: usable without the pipeline).
