@@ -8,6 +8,7 @@ the ledger, so running the same config again resumes where it stopped.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import get_run_logger
@@ -32,6 +33,8 @@ from engramflow.tasks.evaluate import evaluate_version, protocols_for
 from engramflow.tasks.ingest import ingest
 from engramflow.tasks.locate import locate_layers
 
+LOCATE_SAMPLE = 20  # requests causal tracing locates the edited layers on (with layers="auto")
+
 
 def method_hparams(method: Method, cfg: RunConfig, base: Version, layers: list[int] | None) -> dict[str, Any]:
     """The run's hparams overrides with located or given layers in them, checked against the method's
@@ -51,6 +54,37 @@ def resolved_hparams(method: Method, base: Version, overrides: dict[str, Any]) -
     from transformers import AutoConfig
 
     return method.hparams(AutoConfig.from_pretrained(base.base_model), overrides)
+
+
+@dataclass(frozen=True)
+class StatisticsNeeded:
+    """The covariance statistics a run needs: `compute_stats`'s arguments."""
+
+    base: Version
+    layers: list[int]
+    corpus: str
+    n_shards: int
+    max_tokens: int | None
+    device: str
+    max_samples: int | None
+    exclude: list[str] | None  # subjects whose texts are left out
+
+    def compute(self) -> dict[int, str]:
+        """layer -> tensor key of the reduced statistics (shards already recorded are not recomputed)."""
+        return compute_stats(self.base, self.layers, self.corpus, self.n_shards, self.max_tokens, self.device,
+                             self.max_samples, self.exclude)
+
+
+def statistics_needed(method: Method, cfg: RunConfig, base: Version, hparams: dict[str, Any],
+                      edit_ids: list[str]) -> StatisticsNeeded | None:
+    """What statistics a run of `cfg` editing `edit_ids` with `hparams` needs (None: none)."""
+    spec = method.statistics(resolved_hparams(method, base, hparams))
+    if spec is None:
+        return None
+    subjects = [r.subject for r in fetch_requests(default_store(), edit_ids)] if spec.exclude_edited else None
+    return StatisticsNeeded(base, list(spec.layers), cfg.corpus or "world", cfg.stats_shards,
+                            spec.max_tokens if cfg.stats_tokens is None else cfg.stats_tokens, cfg.device,
+                            spec.max_samples, subjects)
 
 
 def _layers(cfg: RunConfig, base: Version, sample: list[str]) -> list[int] | None:
@@ -94,16 +128,11 @@ def _run(flow_name: str, cfg: RunConfig, run_id: str) -> None:
              len(edit_ids), cfg.batch_size, len(probe_ids), ", ".join(protocols))
 
     with remote_options(**gpu):
-        layers = _layers(cfg, base, edit_ids[: min(20, len(edit_ids))])
+        layers = _layers(cfg, base, edit_ids[:LOCATE_SAMPLE])
     hparams = method_hparams(method, cfg, base, layers)
     corpus = cfg.corpus or "world"
-    stats_keys = None
-    spec = method.statistics(resolved_hparams(method, base, hparams))
-    if spec is not None:
-        subjects = [r.subject for r in fetch_requests(store, edit_ids)] if spec.exclude_edited else None
-        stats_keys = compute_stats(base, spec.layers, corpus, cfg.stats_shards,
-                                   spec.max_tokens if cfg.stats_tokens is None else cfg.stats_tokens, cfg.device,
-                                   spec.max_samples, subjects)
+    needed = statistics_needed(method, cfg, base, hparams, edit_ids)
+    stats_keys = needed.compute() if needed is not None else None
     shards = cfg.shards or method.default_shards
 
     evaluations = []
