@@ -25,6 +25,7 @@ COMMANDS: list[str] = [
     "run",
     "demo",
     "report",
+    "sweep",
 ]
 
 
