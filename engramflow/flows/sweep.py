@@ -371,10 +371,9 @@ def _error(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def prepare(cells: list[Cell], cpus: int) -> dict[int, str]:
+def prepare(cells: list[Cell]) -> dict[int, str]:
     """Run the stages cells share, once per key, before any cell starts; returns cell index -> error for
-    the cells whose shared stages failed (the others go on). `cpus`: how many shards shared work fans
-    out into."""
+    the cells whose shared stages failed (the others go on)."""
     log = get_run_logger()
     store = default_store()
     errors: dict[int, str] = {}
@@ -402,7 +401,7 @@ def prepare(cells: list[Cell], cpus: int) -> dict[int, str]:
     # Per cell: its requests, layers (a causal trace, once per sample: a recorded trace is reused),
     # hyper-parameters and statistics; grouped by key.
     stats_groups: dict[tuple, list[Any]] = {}
-    work_groups: dict[tuple, tuple[Any, list[str], list[Cell]]] = {}
+    units: dict[tuple, tuple[Any, list[str], list[Cell]]] = {}
     for cell in cells:
         if cell.index in errors:
             continue
@@ -423,10 +422,13 @@ def prepare(cells: list[Cell], cpus: int) -> dict[int, str]:
                    needed.max_samples, excluded_id(needed.exclude or []))
             stats_groups.setdefault(key, {}).setdefault(tuple(needed.layers), (needed, []))[1].append(cell)
         if method.shardable and 0 not in committed_batches(store, cell.run_id):
-            key = (cfg.algorithm, json.dumps(hparams, sort_keys=True), base.version_id, cfg.device)
-            _, ids, members = work_groups.setdefault(key, (base, [], []))
-            ids.extend(i for i in edit_ids[: cfg.batch_size] if i not in ids)
-            members.append(cell)
+            # The first batch's requests grouped exactly as the run groups them (its shards, or the whole
+            # batch in the edit): how requests are grouped can move a target that is not well determined.
+            first = edit_ids[: cfg.batch_size]
+            shards = cfg.shards or method.default_shards
+            for ids in ([first[i::shards] for i in range(shards) if first[i::shards]] if shards > 1 else [first]):
+                key = (cfg.algorithm, json.dumps(hparams, sort_keys=True), base.version_id, cfg.device, tuple(ids))
+                units.setdefault(key, (base, ids, []))[2].append(cell)
 
     # Statistics: every layer any cell of a key needs, in one pass over the corpus (a layer's shards
     # are keyed alone, so two cells asking for layers [0] and [0, 1] would otherwise both compute 0).
@@ -446,22 +448,35 @@ def prepare(cells: list[Cell], cpus: int) -> dict[int, str]:
                 needed.compute()
             except Exception as err:  # noqa: BLE001
                 fail(members, err)
-    # The first batch's per-request work on the unedited weights, one group after another (methods
-    # whose targets coincide, MEMIT's and EMMET's, then find them cached), each group in shards.
-    for (algorithm, hparams_json, _, device), (base, ids, members) in work_groups.items():
-        live = [c for c in members if c.index not in errors]
-        if not live:
-            continue
-        n_shards = max(1, min(cpus, len(ids)))
-        try:
+    # The first batch's per-request work on the unedited weights, in rounds of units that share no
+    # request: units of one round run in parallel; a unit whose requests an earlier round holds (MEMIT's
+    # and EMMET's targets coincide) runs later and finds them cached. No key is computed twice at once.
+    rounds: list[tuple[set[str], list[tuple]]] = []
+    for key, (_, ids, _) in units.items():
+        free = next((r for r in rounds if not r[0] & set(ids)), None)
+        if free is None:
+            free = (set(), [])
+            rounds.append(free)
+        free[0].update(ids)
+        free[1].append(key)
+    for _, keys in rounds:
+        futures = []
+        for key in keys:
+            algorithm, hparams_json, _, device, _ = key
+            base, ids, members = units[key]
+            if all(c.index in errors for c in members):
+                continue
             with remote_options(**cpu_options(device, 1)):
-                futures = [precompute_shard.submit(base, ids[i::n_shards], algorithm, json.loads(hparams_json), device)
-                           for i in range(n_shards)]
-            done = sum(f.result() for f in futures)
-            log.info("first-batch work of %s for %d cell(s): %d request(s), %d computed now", algorithm, len(live),
-                     len(ids), done)
-        except Exception as err:  # noqa: BLE001
-            fail(live, err)
+                futures.append((key, precompute_shard.submit(base, ids, algorithm, json.loads(hparams_json), device)))
+        for key, future in futures:
+            members = [c for c in units[key][2] if c.index not in errors]
+            try:
+                work = future.result()
+            except Exception as err:  # noqa: BLE001
+                fail(members, err)
+                continue
+            log.info("first-batch work of %s, %d request(s), for %d cell(s): %s", key[0], len(key[4]), len(members),
+                     f"{work} unit(s) of work" if work else "all cached")
     return errors
 
 
@@ -488,13 +503,8 @@ def run_cell(sweep_id: str, grid_id: str, attempt: str, cell: Cell) -> dict[str,
     status = "failed" if error else "completed"
     record_cell(store, sweep_id, grid_id, attempt, cell, status, error=error, started_at=started,
                 finished_at=_now(), **where)
-    return {"status": status, "error": error, "seconds": (_now() - started).total_seconds(), **where}
-
-
-def _cluster_cpus() -> int:
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
+    return {"status": status, "error": error, "seconds": (_now() - started).total_seconds(), "started_at": started,
+            **where}
 
 
 @flow(name="sweep", log_prints=True)
@@ -521,7 +531,7 @@ def sweep_flow(sweep: Sweep, max_parallel: int | None = None) -> list[dict[str, 
     log.info("sweep %s: %d cell(s), %d completed before, %d to run", sweep.name, len(sweep.cells),
              len(sweep.cells) - len(todo), len(todo))
     start = time.perf_counter()
-    errors = prepare(todo, _cluster_cpus()) if todo else {}
+    errors = prepare(todo) if todo else {}
     log.info("shared stages: %.1f s", time.perf_counter() - start)
     for cell in todo:
         if cell.index in errors:
@@ -530,22 +540,22 @@ def sweep_flow(sweep: Sweep, max_parallel: int | None = None) -> list[dict[str, 
             results[cell.index] = {"status": "failed", "reused": False, "error": errors[cell.index], "seconds": None}
     queue = [c for c in todo if c.index not in errors]
     limit = max_parallel or sweep.max_parallel or len(queue) or 1
-    running: dict[Any, tuple[Cell, Any]] = {}
+    running: dict[Any, tuple[Cell, Any, datetime]] = {}
     while queue or running:
         while queue and len(running) < limit:
             cell = queue.pop(0)
             with remote_options(**sweep.resources.for_cell(cell.config)):
                 future = run_cell.submit(sweep.name, grid_id, attempt, cell)
-            running[future.wrapped_future] = (cell, future)
+            running[future.wrapped_future] = (cell, future, _now())
         ready, _ = ray.wait(list(running), num_returns=1)
-        cell, future = running.pop(ready[0])
+        cell, future, submitted = running.pop(ready[0])
         try:
             result = future.result()
         except Exception as err:  # noqa: BLE001 - the task itself died (worker lost, out of memory)
             result = {"status": "failed", "error": _error(err), "seconds": None}
             record_cell(store, sweep.name, grid_id, attempt, cell, "failed", error=result["error"],
                         finished_at=_now())
-        results[cell.index] = {"reused": False, **result}
+        results[cell.index] = {"reused": False, "submitted_at": submitted, **result}
         log.info("cell %d (%s) %s%s", cell.index, _describe(cell.axes), result["status"],
                  f" on {result.get('hostname')} (node {str(result.get('node_id'))[:8]}) in {result['seconds']:.0f} s"
                  if result.get("seconds") is not None else f": {result['error']}")
