@@ -31,6 +31,8 @@ NAMED = (
 SHOWN = (("es", "ES"), ("ps", "PS"), ("ns", "NS"), ("s", "S"), ("probe_top1", "probe top-1"),
          ("perplexity", "perplexity"), ("rel_norm", "max rel. norm"))
 PLOTTED_LABELS = {**LABELS, "rel_norm": "max ‖W − W₀‖_F / ‖W₀‖_F"}
+MARKERS = ("o", "s", "^", "D", "v", "P")
+STYLES = ("-", "--", ":", "-.")
 
 
 def cell_label(axes: Mapping[str, Any]) -> str:
@@ -156,9 +158,10 @@ def plot_axis(rows: Sequence[Mapping[str, Any]], axis: str, path: Path) -> Path 
         ax.spines[["top", "right"]].set_visible(False)
         for i, (label, points) in enumerate(series.items()):
             points = sorted((x, r.get(column)) for x, r in points if r.get(column) is not None)
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=4, color=f"C{i}",
-                        label=label)
+            if points:  # markers and dashes differ too: equal results (MEMIT and EMMET here) stay visible
+                ax.plot([p[0] for p in points], [p[1] for p in points], color=f"C{i % 10}", label=label,
+                        marker=MARKERS[i % len(MARKERS)], markersize=7 - 4 * (i % 2), markerfacecolor="none",
+                        linestyle=STYLES[i % len(STYLES)])
         if len(base) == 1 and base[0].get(column) is not None:
             ax.axhline(base[0][column], color="grey", linestyle="--", linewidth=1, label="unedited")
         if column in ("es", "ps", "ns", "s", "probe_top1"):
@@ -192,8 +195,9 @@ def plot_degradation(store: Store, rows: Sequence[Mapping[str, Any]], path: Path
         for ax, series in ((left, data.scores.get("es")), (right, data.drift.get("probe_top1"))):
             if series:
                 steps = sorted(s for s in series if s in data.x)
-                ax.plot([data.x[s] for s in steps], [series[s] for s in steps], marker="o", markersize=3,
-                        color=f"C{i % 10}", linestyle="-" if i < 10 else "--", label=cell_label(row["axes"]))
+                ax.plot([data.x[s] for s in steps], [series[s] for s in steps], marker=MARKERS[i % len(MARKERS)],
+                        markersize=5 - 2 * (i % 2), markerfacecolor="none", color=f"C{i % 10}",
+                        linestyle=STYLES[i % len(STYLES)], label=cell_label(row["axes"]))
     left.set(title="Efficacy of all edits so far", ylabel="ES")
     right.set(title="Unrelated facts kept", ylabel="probe top-1 accuracy")
     for ax in (left, right):
