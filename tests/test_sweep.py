@@ -27,7 +27,7 @@ from engramflow.storage.queries import sweep_cells, sweep_results
 
 REPO = Path(__file__).resolve().parents[1]
 # Few edits and short target optimisation: the tests check the machinery, not the edits' quality.
-TINY = {"dataset": "world-tiny", "corpus": "world-tiny", "n": 4, "batch_size": 2, "n_probes": 20,
+TINY = {"dataset": "world-tiny", "corpus": "world-tiny", "n": 2, "batch_size": 1, "n_probes": 20,
         "stats_tokens": 20_000, "hparams": {"v_num_grad_steps": 25}, "eval": ["counterfact", "probe", "norms"]}
 
 
@@ -155,13 +155,13 @@ def test_a_failing_cell_is_recorded_and_the_rest_go_on(ray_runtime, tiny_organis
     long = [r for r in sweep_results(store, "failing").to_pylist() if r["cell"] == 0]
     es = next(r for r in long if (r["protocol"], r["metric"]) == ("counterfact", "es"))
     assert done["es"] == pytest.approx(es["value"]) and done["es_unedited"] == pytest.approx(es["unedited"])
-    assert done["edits"] == 4 and done["rank"] == 1
+    assert done["edits"] == 2 and done["rank"] == 1
 
 
 def test_a_grid_recorded_under_a_name_is_not_replaced_by_another(ray_runtime, tiny_organism, tmp_path):
     from engramflow.runtime import task_runner
 
-    base = {"model": str(tiny_organism), **TINY, "n": 2, "seed": 2}
+    base = {"model": str(tiny_organism), **TINY, "seed": 2}
     store = default_store()
     one = parse_spec({"name": "named", "base": base, "grid": {"algorithm": ["emmet"], "layers": ["9"]}})
     sweep_flow.with_options(task_runner=task_runner())(one)  # fails in the shared stages: quick
@@ -227,7 +227,7 @@ def test_a_sweep_on_two_nodes_runs_cells_on_both_with_the_metrics_of_runs_alone(
     for cell in sweep.cells:
         assert sequential_flow.with_options(task_runner=task_runner())(cell.config) == cell.run_id
         ours, theirs = _metrics(store, cell.run_id), _metrics(alone, cell.run_id)
-        assert set(ours) == set(theirs) and len(ours) > 100
+        assert set(ours) == set(theirs) and len(ours) > 50
         for key, value in ours.items():
             assert value == pytest.approx(theirs[key], abs=1e-5, nan_ok=True), (cell.axes, key)
 
@@ -246,5 +246,5 @@ def test_a_killed_sweep_resumes_running_only_the_rest(cluster_sweep):
     for cell in sweep.cells:  # every edit applied once, none lost; every version evaluated once
         edits, distinct = store.connect().execute(
             f"SELECT count(*), count(DISTINCT request_id) FROM edits WHERE run_id = '{cell.run_id}'").fetchone()
-        assert edits == distinct == 4
+        assert edits == distinct == 2
     assert "(before)" in cluster_sweep["output"]  # the CLI marks the cells it did not run again
