@@ -5,8 +5,9 @@ on this machine's loopback): the same 8-cell sweep, each time into a fresh store
 
 Prints, per cluster: the whole sweep's wall time and cells per minute; its parts: the shared stages
 (ingest, statistics, first-batch targets, once per key before any cell), the fan-out (first cell
-submitted to last finished), per-cell start-up (submitted to running: Ray scheduling, a worker process,
-the Prefect task) and per-cell work (running to finished); then the ceiling those parts put on N nodes.
+submitted to last finished), per-cell start-up (to running from when the cell could run: Ray
+scheduling, a worker process, the Prefect task) and per-cell work (running to finished); then the
+ceiling those parts put on N nodes.
 It also prints the machine's load and busiest processes before and after, since the machine may be
 shared.
 """
@@ -57,14 +58,22 @@ def run(nodes: int, spec: dict, model_dir: str) -> dict:
     failed = [r for r in results if r["status"] != "completed"]
     if failed:
         raise SystemExit(f"{len(failed)} cell(s) failed: {failed[0]['error']}")
-    submitted = [r["submitted_at"].timestamp() for r in results]
+    submitted = {r["cell"]: r["submitted_at"].timestamp() for r in results}
     started = {r["cell"]: r["started_at"].timestamp() for r in rows}
     finished = {r["cell"]: r["finished_at"].timestamp() for r in rows}
+    # Start-up: from the moment a cell could run (submitted, and its node's one CPU free) to its first
+    # line of work; the time it queued behind another cell is not start-up.
+    startup = []
+    for node in {r["node_id"] for r in rows}:
+        free = 0.0
+        for cell in sorted((r["cell"] for r in rows if r["node_id"] == node), key=started.get):
+            startup.append(started[cell] - max(submitted[cell], free))
+            free = finished[cell]
     return {
         "nodes": nodes, "wall": wall, "cells": len(results),
-        "shared": min(submitted) - start,
-        "fanout": max(finished.values()) - min(submitted),
-        "startup": [started[r["cell"]] - r["submitted_at"].timestamp() for r in results],
+        "shared": min(submitted.values()) - start,
+        "fanout": max(finished.values()) - min(submitted.values()),
+        "startup": startup,
         "work": [finished[c] - started[c] for c in started],
         "hosts": len({r["node_id"] for r in rows}),
         "before": before, "after": machine_load(),
@@ -96,15 +105,16 @@ def main() -> None:
             "grid": {"algorithm": ["memit", "emmet"], "hparams.mom2_update_weight": [50.0, 100.0, 250.0, 500.0]}}
     runs = [run(nodes, spec, model_dir) for nodes in (1, 2)]
 
-    console = Console()
+    console = Console(width=150)
     table = Table(title=f"8-cell sweep, {args.model}, {args.n} edits in batches of {args.batch_size}, "
                         f"{args.steps} target steps; 1 CPU per node", title_justify="left")
     for column in ("cluster", "nodes used", "wall s", "cells/min", "shared stages s", "fan-out s",
-                   "cell start-up s (mean)", "cell work s (mean)"):
+                   "fan-out cells/min", "cell start-up s (mean)", "cell work s (mean)"):
         table.add_column(column, justify="right")
     for r in runs:
         table.add_row(f"{r['nodes']} node(s) x 1 CPU", str(r["hosts"]), f"{r['wall']:.0f}",
                       f"{60 * r['cells'] / r['wall']:.2f}", f"{r['shared']:.0f}", f"{r['fanout']:.0f}",
+                      f"{60 * r['cells'] / r['fanout']:.2f}",
                       f"{statistics.mean(r['startup']):.1f}", f"{statistics.mean(r['work']):.1f}")
     console.print(table)
     one, two = runs
