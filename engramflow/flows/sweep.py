@@ -10,8 +10,8 @@ per sample, covariance statistics per key (every layer any cell needs, in one pa
 per-request work (targets, experts) on the unedited weights. Cells then find them recorded and only read
 them, so no two cells ever compute one key at once. That is chosen over a lock in the store because every
 key is known from the spec before anything runs, the store may be an object store without an atomic
-create-if-absent (`s3://`), and a killed holder would leave a lock behind; the shared work itself fans out
-over the cluster (statistics shards, target shards).
+create-if-absent (`s3://`), and a killed holder would leave a lock behind. The shared work itself runs on
+the cluster: statistics shards in parallel, first-batch work in rounds of units that share no request.
 
 Each cell is a Ray task with the spec's resources (CPUs, GPUs, memory) that runs the sequential flow
 in its own process: its stages run in threads on the cores (or GPU) the cell holds, so Ray's resource
@@ -52,7 +52,7 @@ from engramflow.ledger import (
     fetch_requests,
     stable_id,
 )
-from engramflow.runtime import cpu_options
+from engramflow.runtime import cpu_options, gpu_options
 from engramflow.storage import Store
 from engramflow.storage import queries as q
 from engramflow.tasks.edit import precompute_shard
@@ -400,7 +400,7 @@ def prepare(cells: list[Cell]) -> dict[int, str]:
 
     # Per cell: its requests, layers (a causal trace, once per sample: a recorded trace is reused),
     # hyper-parameters and statistics; grouped by key.
-    stats_groups: dict[tuple, list[Any]] = {}
+    stats_groups: dict[tuple, dict[tuple[int, ...], tuple[Any, list[Cell]]]] = {}
     units: dict[tuple, tuple[Any, list[str], list[Cell]]] = {}
     for cell in cells:
         if cell.index in errors:
@@ -411,7 +411,8 @@ def prepare(cells: list[Cell]) -> dict[int, str]:
             base = bases[cfg.model]
             edit_ids, _ = select_requests(requests[(cfg.dataset, cfg.format)], cfg.n, cfg.n_probes, cfg.seed)
             protocols_for(cfg.format, cfg.algorithm, cfg.protocols)
-            layers = _layers(cfg, base, edit_ids[:LOCATE_SAMPLE])
+            with remote_options(**gpu_options(cfg.device)):
+                layers = _layers(cfg, base, edit_ids[:LOCATE_SAMPLE])
             hparams = method_hparams(method, cfg, base, layers)
             needed = statistics_needed(method, cfg, base, hparams, edit_ids)
         except Exception as err:  # noqa: BLE001
