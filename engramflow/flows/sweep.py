@@ -180,8 +180,12 @@ def parse_spec(raw: Any, source: str = "spec", base_dir: Path | None = None, res
             raise fail(f"grid.{key}", f"a non-empty list of values (got {values!r})")
         axes.append((key, values))
 
+    max_parallel = raw.get("max_parallel")
+    if max_parallel is not None and (not _is_int(max_parallel) or max_parallel < 1):
+        raise fail("max_parallel", f"a positive integer (got {max_parallel!r})")
+    resources = _resources(raw.get("resources"), fail)
+
     load_all()
-    resolved_models: dict[str, str] = {}
     cells = []
     for index, combo in enumerate(itertools.product(*(values for _, values in axes))):
         options = {**CLI_DEFAULTS, **base}
@@ -196,19 +200,22 @@ def parse_spec(raw: Any, source: str = "spec", base_dir: Path | None = None, res
                 options["hparams"] = {**options["hparams"], **_hparams(value, fail, where, base_dir)}
             else:
                 options[key] = value
-        cfg = _config(options, fail, f"cell {index} ({_describe(point)})", resolve_model, resolved_models)
-        cells.append(Cell(index, point, cfg))
+        cells.append(Cell(index, point, _config(options, fail, f"cell {index} ({_describe(point)})")))
+    _check_distinct(cells, fail)
+    if resolve_model is not None:  # only once every cell is known good: resolving may build the organism
+        resolved = {m: str(resolve_model(m)) for m in dict.fromkeys(c.config.model for c in cells)}
+        cells = [replace(c, config=replace(c.config, model=resolved[c.config.model])) for c in cells]
+        _check_distinct(cells, fail)  # two names of one model
+    return Sweep(name, cells, resources, max_parallel, str(raw.get("description") or "").strip())
+
+
+def _check_distinct(cells: list[Cell], fail: Any) -> None:
     seen: dict[str, int] = {}
     for cell in cells:
         if cell.run_id in seen:
             raise fail("grid", f"cells {seen[cell.run_id]} and {cell.index} are the same run "
                                f"({_describe(cells[seen[cell.run_id]].axes)} and {_describe(cell.axes)})")
         seen[cell.run_id] = cell.index
-    max_parallel = raw.get("max_parallel")
-    if max_parallel is not None and (not _is_int(max_parallel) or max_parallel < 1):
-        raise fail("max_parallel", f"a positive integer (got {max_parallel!r})")
-    return Sweep(name, cells, _resources(raw.get("resources"), fail), max_parallel,
-                 str(raw.get("description") or "").strip())
 
 
 def _describe(point: Mapping[str, Any]) -> str:
@@ -250,8 +257,7 @@ def _hparams(value: Any, fail: Any, where: str, base_dir: Path | None) -> dict[s
     raise fail(where, f"hyper-parameter overrides are a mapping, a YAML/JSON file or a JSON object (got {value!r})")
 
 
-def _config(options: dict[str, Any], fail: Any, where: str, resolve_model: Any,
-            resolved: dict[str, str]) -> RunConfig:
+def _config(options: dict[str, Any], fail: Any, where: str) -> RunConfig:
     """The RunConfig `engramflow run sequential` builds from these options."""
     def integer(key: str, low: int | None = 1, optional: bool = False) -> int | None:
         value = options[key]
@@ -289,10 +295,6 @@ def _config(options: dict[str, Any], fail: Any, where: str, resolve_model: Any,
     if protocols is not None and (not isinstance(protocols, list) or not all(isinstance(p, str) for p in protocols)):
         raise fail(where, f"eval is a list of evaluation protocols (got {options['eval']!r})")
     model = text("model")
-    if resolve_model is not None:
-        if model not in resolved:
-            resolved[model] = str(resolve_model(model))
-        model = resolved[model]
     n = integer("n")
     cfg = RunConfig(
         algorithm=str(algorithm), model=model, dataset=text("dataset"), format=text("format"), n=n,
