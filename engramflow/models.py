@@ -7,7 +7,13 @@ so stages below never train anything.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
+
+# transformers builds a model on the meta device under context managers that patch torch globally, so
+# two threads loading at once break each other ("Cannot copy out of meta tensor"): stages that run as
+# threads of one process (a sweep's cell, Prefect's thread pool) load one model at a time.
+_LOADING = threading.Lock()
 
 # What the CLI, the tests and the benchmarks accept for the embedded default, -> `build_organism` kwargs.
 ORGANISM_NAMES = {"organism": {}, "organism-tiny": {"tiny": True}}
@@ -30,9 +36,11 @@ def load_model(path: str, device: str = "cpu") -> tuple[Any, Any]:
     if path in ORGANISM_NAMES:
         raise ValueError(f"{path!r} is a name, not a model directory: resolve it first "
                          "(engramflow.models.resolve_model)")
-    tok = AutoTokenizer.from_pretrained(path)
+    with _LOADING:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path).to(device)
+    model = model.to(device)
     model.eval()
     return model, tok

@@ -251,24 +251,26 @@ def _connect_ray(address: str | None, num_cpus: int | None, num_gpus: int | None
     # this runs (prefect_ray imports ray), so the variable alone left the noise in `engramflow demo`.
     ray_constants.AUTOSCALER_EVENTS = int(os.environ["RAY_SCHEDULER_EVENTS"])
     if address:
-        if "127.0.0.1" in env["PREFECT_API_URL"]:
+        if _is_loopback(address):
+            # A cluster on this machine's loopback (several raylets on 127.0.0.1): with clusters on,
+            # Ray would turn 127.0.0.1 into the machine's network address and never reach it.
+            with _loopback_only():
+                ray.init(address=address, runtime_env={"env_vars": env})
+        else:
+            ray.init(address=address, runtime_env={"env_vars": env})
+        remote = [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"] and not _is_loopback(n["NodeManagerAddress"])]
+        if "127.0.0.1" in env["PREFECT_API_URL"] and remote:
             log.warning(
-                "Prefect API %s is on this machine's loopback: tasks on other Ray nodes cannot reach "
+                "Prefect API %s is on this machine's loopback: tasks on other Ray nodes (%s) cannot reach "
                 "it. Set PREFECT_API_URL to a server the cluster can reach.",
-                env["PREFECT_API_URL"],
+                env["PREFECT_API_URL"], ", ".join(sorted(set(remote))),
             )
-        ray.init(address=address, runtime_env={"env_vars": env})
         return False
     # Local workers import task functions by module name exactly as the driver does (pytest's
     # test modules included): give them the driver's import path.
     local_path = [p for p in sys.path if p and os.path.isdir(p)]
     env = {**env, "PYTHONPATH": os.pathsep.join(local_path)}
-    # Ray's services (and the processes they spawn) bind 127.0.0.1 only while clusters are off;
-    # the driver read the flag at import, its children read it from the environment.
-    saved_env, saved_flag = os.environ.get(RAY_LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[RAY_LOOPBACK_ENV] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
+    with _loopback_only():
         ray.init(
             address="local",  # never attach to a (possibly stale) cluster recorded in RAY_TMPDIR
             num_cpus=num_cpus,
@@ -279,13 +281,32 @@ def _connect_ray(address: str | None, num_cpus: int | None, num_gpus: int | None
             _temp_dir=str(tmp),
             runtime_env={"env_vars": env},
         )
+    return True
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    return host in ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Ray's services (and the processes they spawn) bind 127.0.0.1, and a loopback address stays one,
+    only while clusters are off; the driver read the flag at import, its children read it from the
+    environment."""
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(RAY_LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[RAY_LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
         if saved_env is None:
             os.environ.pop(RAY_LOOPBACK_ENV)
         else:
             os.environ[RAY_LOOPBACK_ENV] = saved_env
-    return True
 
 
 @contextmanager

@@ -27,7 +27,8 @@ LAYERS: list[set[str]] = [
     {"engramflow.cli"},
 ]
 MIDDLE = {"engramflow.models", "engramflow.ledger", "engramflow.runtime", "engramflow.report", "engramflow.progress",
-          "engramflow.editor", "engramflow.doctor", "engramflow.aliases", "engramflow.export"}
+          "engramflow.editor", "engramflow.doctor", "engramflow.aliases", "engramflow.export", "engramflow.sweep_report",
+          "engramflow.localcluster"}
 # Packages that import nothing of engramflow but themselves: usable on their own, in any environment.
 SELF_CONTAINED = {"engramflow.editors", "engramflow.storage"}
 # Third-party packages a layer must not import (editors is plain torch: usable without the pipeline).

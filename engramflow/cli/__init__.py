@@ -29,6 +29,7 @@ COMMANDS: list[str] = [
     "continual",
     "alias",
     "export",
+    "sweep",
 ]
 
 

@@ -9,6 +9,7 @@ the ledger, so running the same config again resumes where it stopped.
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import get_run_logger
@@ -34,6 +35,8 @@ from engramflow.tasks.evaluate import evaluate_version, protocols_for
 from engramflow.tasks.ingest import ingest
 from engramflow.tasks.locate import locate_layers
 
+LOCATE_SAMPLE = 20  # requests causal tracing locates the edited layers on (with layers="auto")
+
 
 def method_hparams(method: Method, cfg: RunConfig, base: Version, layers: list[int] | None) -> dict[str, Any]:
     """The run's hparams overrides with located or given layers in them, checked against the method's
@@ -53,6 +56,41 @@ def resolved_hparams(method: Method, base: Version, overrides: dict[str, Any]) -
     from transformers import AutoConfig
 
     return method.hparams(AutoConfig.from_pretrained(base.base_model), overrides)
+
+
+@dataclass(frozen=True)
+class StatisticsNeeded:
+    """The covariance statistics a run needs: `compute_stats`'s arguments."""
+
+    base: Version
+    layers: list[int]
+    corpus: str
+    n_shards: int
+    max_tokens: int | None
+    device: str
+    max_samples: int | None
+    exclude_edited: bool  # each batch's edit leaves out the sample's sentences about its subjects
+
+    def compute(self) -> dict[int, str]:
+        """layer -> tensor key of the reduced statistics (shards already recorded are not recomputed)."""
+        return compute_stats(self.base, self.layers, self.corpus, self.n_shards, self.max_tokens, self.device,
+                             self.max_samples)
+
+    def mentions(self, subjects: list[str]) -> dict[int, str]:
+        """The same sums over only the sample's sentences that mention `subjects` (what an edit of
+        those subjects subtracts when `exclude_edited`)."""
+        return compute_stats(self.base, self.layers, self.corpus, self.n_shards, self.max_tokens, self.device,
+                             self.max_samples, mentions_of=subjects)
+
+
+def statistics_needed(method: Method, cfg: RunConfig, base: Version, hparams: dict[str, Any]) -> StatisticsNeeded | None:
+    """What statistics a run of `cfg` with `hparams` needs (None: none)."""
+    spec = method.statistics(resolved_hparams(method, base, hparams))
+    if spec is None:
+        return None
+    return StatisticsNeeded(base, list(spec.layers), cfg.corpus or "world", cfg.stats_shards,
+                            spec.max_tokens if cfg.stats_tokens is None else cfg.stats_tokens, cfg.device,
+                            spec.max_samples, spec.exclude_edited)
 
 
 def _layers(cfg: RunConfig, base: Version, sample: list[str]) -> list[int] | None:
@@ -100,7 +138,7 @@ def _run(flow_name: str, cfg: RunConfig, run_id: str, settings: dict[str, Any]) 
              len(edit_ids), cfg.batch_size, len(probe_ids), ", ".join(protocols))
 
     with remote_options(**gpu):
-        layers = _layers(cfg, base, edit_ids[: min(20, len(edit_ids))])
+        layers = _layers(cfg, base, edit_ids[:LOCATE_SAMPLE])
     hparams = method_hparams(method, cfg, base, layers)
     resolved = resolved_hparams(method, base, hparams)
     settings.update(method.describe(resolved))
@@ -109,13 +147,8 @@ def _run(flow_name: str, cfg: RunConfig, run_id: str, settings: dict[str, Any]) 
     log.info("settings: %s", ", ".join(f"{k} {settings[k]}" for k in ("preset", "layers_from", "layers", "layer")
                                        if settings.get(k) not in (None, "")))
     corpus = cfg.corpus or "world"
-    stats_keys = None
-    spec = method.statistics(resolved)
-    stats_args: tuple = ()
-    if spec is not None:
-        stats_args = (base, spec.layers, corpus, cfg.stats_shards,
-                      spec.max_tokens if cfg.stats_tokens is None else cfg.stats_tokens, cfg.device, spec.max_samples)
-        stats_keys = compute_stats(*stats_args)
+    needed = statistics_needed(method, cfg, base, hparams)
+    stats_keys = needed.compute() if needed is not None else None
     subject_of = {r.request_id: r.subject for r in fetch_requests(store, edit_ids)}
     shards = cfg.shards or method.default_shards
 
@@ -140,8 +173,8 @@ def _run(flow_name: str, cfg: RunConfig, run_id: str, settings: dict[str, Any]) 
             # Statistics without what the sample says about this batch's subjects (the method's choice):
             # the keys of those sentences, summed over the same sample, are subtracted in the edit.
             minus = None
-            if spec is not None and spec.exclude_edited and index not in committed_before:
-                minus = compute_stats(*stats_args, mentions_of=sorted({subject_of[r] for r in batch}))
+            if needed is not None and needed.exclude_edited and index not in committed_before:
+                minus = needed.mentions(sorted({subject_of[r] for r in batch}))
             with remote_options(**cpu_options(cfg.device, cfg.edit_cpus)):
                 parent = edit_batch.submit(run_id, index, parent, batch, cfg.algorithm, hparams, stats_keys,
                                            cfg.device, minus).result()

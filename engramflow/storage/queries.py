@@ -117,6 +117,39 @@ ORDER BY created_at DESC, version_id DESC
 LIMIT 1
 """
 
+# A sweep's cells (the newest row of each) with every metric of their runs after their last evaluated
+# batch (`value`) and on the unedited model (`unedited`, step -1): per-request metrics averaged over the
+# requests, one row per cell x protocol x metric (a cell with no metrics yet: one row with nulls).
+SWEEP_RESULTS = """
+WITH cells AS (
+    SELECT * FROM sweeps_latest WHERE sweep_id = $sweep
+), m AS (
+    SELECT * FROM metrics WHERE run_id IN (SELECT run_id FROM cells)
+    QUALIFY row_number() OVER (PARTITION BY run_id, step, model_version, request_id, protocol, metric
+                               ORDER BY recorded_at DESC) = 1
+), last AS (
+    SELECT run_id, max(step) AS last_step FROM m GROUP BY run_id
+), final AS (
+    SELECT m.run_id, m.protocol, m.metric,
+           avg(m.value) FILTER (WHERE m.step = l.last_step) AS value,
+           avg(m.value) FILTER (WHERE m.step = -1) AS unedited,
+           count(m.value) FILTER (WHERE m.step = l.last_step) AS n
+    FROM m JOIN last l USING (run_id)
+    GROUP BY m.run_id, m.protocol, m.metric
+)
+SELECT c.sweep_id, c.cell, c.run_id, c.axes, c.status, c.reused, c.error, c.node_id, c.hostname,
+       c.started_at, c.finished_at, r.algorithm, r.model, r.dataset, l.last_step,
+       f.protocol, f.metric, f.value, f.unedited, f.n
+FROM cells c
+LEFT JOIN runs_latest r USING (run_id)
+LEFT JOIN last l USING (run_id)
+LEFT JOIN final f USING (run_id)
+ORDER BY c.cell, f.protocol, f.metric
+"""
+
+# A sweep's cells: the newest row of each.
+SWEEP_CELLS = "SELECT * FROM sweeps_latest WHERE sweep_id = $sweep ORDER BY cell"
+
 
 def run_query(store: Store, query: str, **params: object) -> pa.Table:
     """Run a canned query with named parameters on a fresh catalogue connection (`DamagedPartError`
@@ -179,6 +212,17 @@ def latest_version(store: Store, run_id: str) -> dict:
     if not rows:
         raise KeyError(f"run {run_id!r} has no model versions in {store.root}")
     return rows[0]
+
+
+def sweep_results(store: Store, sweep_id: str) -> pa.Table:
+    """One row per cell x protocol x metric of sweep `sweep_id`: the value after the cell's last evaluated
+    batch and on the unedited model (`SWEEP_RESULTS`)."""
+    return run_query(store, SWEEP_RESULTS, sweep=sweep_id)
+
+
+def sweep_cells(store: Store, sweep_id: str) -> list[dict]:
+    """The newest `sweeps` row of every cell of `sweep_id`, by cell (empty when the sweep is not recorded)."""
+    return run_query(store, SWEEP_CELLS, sweep=sweep_id).to_pylist()
 
 
 def collapse_step(drift_rows: list[dict], baseline_drop: float = 0.10) -> int | None:

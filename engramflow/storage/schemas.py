@@ -256,6 +256,27 @@ TICKS = pa.schema([
     _f("updated_at", UTC_TS),
 ])
 
+# One row per status change of a sweep's cell (`sweeps_latest` view: the newest per sweep and cell). A cell
+# is a run (`run_id`, the same id as the equivalent `engramflow run`); `axes` is the JSON object of the
+# grid values that made it; `reused` marks a cell found completed when the attempt began (not run again).
+SWEEPS = pa.schema([
+    _f("sweep_id", pa.string()),
+    _f("cell", pa.int32()),  # position in the grid's product, in the spec's order
+    _f("run_id", pa.string()),
+    _f("flow", pa.string()),
+    _f("axes", pa.string()),  # JSON object: swept option -> value
+    _f("grid_id", pa.string()),  # hash of every cell's run id: a sweep id names one grid
+    _f("attempt", pa.string()),  # the `engramflow sweep` invocation that wrote the row
+    _f("status", pa.string()),  # running | completed | failed
+    _f("reused", pa.bool_()),
+    _f("error", pa.string(), True),
+    _f("node_id", pa.string(), True),  # the Ray node the cell ran on
+    _f("hostname", pa.string(), True),
+    _f("started_at", UTC_TS, True),
+    _f("finished_at", UTC_TS, True),
+    _f("updated_at", UTC_TS),
+])
+
 SCHEMAS: dict[str, pa.Schema] = {
     "requests": REQUESTS,
     "rejects": REJECTS,
@@ -271,6 +292,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "gates": GATES,
     "aliases": ALIASES,
     "ticks": TICKS,
+    "sweeps": SWEEPS,
 }
 
 # Timestamp columns filled with the write time when a row leaves them out.
@@ -289,6 +311,7 @@ WRITE_TIME_COLUMNS: dict[str, str] = {
     "gates": "recorded_at",
     "aliases": "set_at",
     "ticks": "updated_at",
+    "sweeps": "updated_at",
 }
 
 
@@ -300,6 +323,7 @@ COLUMN_DEFAULTS: dict[str, dict[str, object]] = {
     "experts": {"removed": False},
     "drop_requests": {"supersedes": []},
     "aliases": {"drop_ids": []},
+    "sweeps": {"reused": False},
 }
 
 

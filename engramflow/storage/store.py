@@ -50,6 +50,9 @@ LATEST_VIEWS: dict[str, str] = {
     "experts_latest": (
         "SELECT * FROM experts QUALIFY row_number() OVER (PARTITION BY expert_id ORDER BY created_at DESC) = 1"
     ),
+    "sweeps_latest": (
+        "SELECT * FROM sweeps QUALIFY row_number() OVER (PARTITION BY sweep_id, cell ORDER BY updated_at DESC) = 1"
+    ),
 }
 
 # The table each `*_latest` view reads.
