@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 # What the CLI, the tests and the benchmarks accept for the embedded default, -> `build_organism` kwargs.
-ORGANISM_NAMES = {"organism": {}, "organism-tiny": {"tiny": True}}
+ORGANISM_NAMES = {"organism": {}, "organism-tiny": {"tiny": True}, "organism-large": {"world": "world-large"}}
 
 
 def resolve_model(spec: str) -> str:
-    """`organism` / `organism-tiny` -> the built model's directory (built on first use); any other
-    path or hub id unchanged."""
+    """`organism` / `organism-tiny` / `organism-large` -> the built model's directory (built on first
+    use); any other path or hub id unchanged."""
     if spec in ORGANISM_NAMES:
         from engramflow.organism import build_organism
 
