@@ -36,3 +36,22 @@ def load_model(path: str, device: str = "cpu") -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(path).to(device)
     model.eval()
     return model, tok
+
+
+def default_corpus(model: str) -> str:
+    """The statistics/perplexity corpus a run on `model` uses when it names none: an organism's own
+    (its world's name, or the `corpus.txt` a fact file's organism keeps), else the embedded world."""
+    import json
+    from pathlib import Path
+
+    from engramflow.data.world import NAMED_WORLDS
+
+    path = Path(model)
+    report = path / "organism.json"
+    if report.is_file():
+        source = json.loads(report.read_text()).get("source")
+        if source in NAMED_WORLDS:
+            return source
+        if (path / "corpus.txt").is_file():
+            return str(path / "corpus.txt")
+    return "world"

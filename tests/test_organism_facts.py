@@ -121,3 +121,42 @@ def test_a_build_short_of_its_targets_fails_saying_what_it_reached(shared_data: 
     failed = Path(str(err.value).rsplit(" ", 1)[-1])
     assert organism_report(failed)["targets_reached"] is False
     assert not any(p.name.startswith("organism-fail-test") for p in failed.parent.parent.iterdir())  # not cached
+
+
+# The default run's real build: 80 records of EasyEdit's CounterFact split on the tiny model, asked
+# for the world's targets. Cached like the tiny organism (content-hashed, `.engramflow/test-models`).
+FACTS_TEST_CONFIG = replace(TINY_CONFIG, name="organism-facts-test", target_heldout=0.85)
+
+
+@pytest.fixture(scope="module")
+def facts_organism(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = _records(shared_data, "counterfact-edit.json.gz", 80, tmp_path_factory.mktemp("cf-edit"))
+    return build_organism(facts=path, format="easyedit-counterfact", config=FACTS_TEST_CONFIG, progress=False)
+
+
+def test_an_organism_of_counterfact_records_knows_them(facts_organism: Path) -> None:
+    """Real names, multi-word objects, held-out wordings: the build reaches the world's targets on every
+    prompt, and reports what it reached on the file's paraphrases as written."""
+    from engramflow.models import default_corpus, load_model
+    from engramflow.organism import evaluate_organism, fact_data
+
+    report = organism_report(facts_organism)
+    assert report["targets_reached"] and report["n_heldout_prompts"] >= 50
+    model, tok = load_model(str(facts_organism))
+    data, _ = fact_data(facts=report["source"].split(":", 1)[1], format="easyedit-counterfact")
+    acc = evaluate_organism(model, tok, data)
+    # A fact file's build checks its targets on every prompt: the world's targets hold on all of them.
+    assert acc["train_top1"] >= 0.97 and acc["heldout_top1"] >= 0.85
+    assert acc == pytest.approx({k: report[k] for k in acc})
+    assert 0.0 <= report["paraphrase_top1"] <= 1.0
+    assert default_corpus(str(facts_organism)) == str(facts_organism / "corpus.txt")
+
+
+@pytest.mark.slow
+def test_a_few_hundred_counterfact_records_reach_the_world_targets(shared_data: Path, tmp_path: Path) -> None:
+    """300 records on the default model: train >= 0.97 and held-out >= 0.85 (several minutes on two
+    idle cores, cached after)."""
+    path = _records(shared_data, "counterfact-edit.json.gz", 300, tmp_path)
+    report = organism_report(build_organism(facts=path, format="easyedit-counterfact", progress=False))
+    assert report["targets_reached"] and report["n_train_prompts"] <= 2000  # checked on every prompt
+    assert report["train_top1"] >= 0.97 and report["heldout_top1"] >= 0.85

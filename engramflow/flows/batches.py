@@ -26,6 +26,7 @@ from engramflow.ledger import (
     fetch_requests,
     record_run,
 )
+from engramflow.models import default_corpus
 from engramflow.runtime import cpu_options, gpu_options
 from engramflow.tasks.edit import edit_batch, precompute_shard
 from engramflow.tasks.evaluate import evaluate_version, protocols_for
@@ -96,7 +97,7 @@ def _run(flow_name: str, cfg: RunConfig, run_id: str) -> None:
     with remote_options(**gpu):
         layers = _layers(cfg, base, edit_ids[: min(20, len(edit_ids))])
     hparams = method_hparams(method, cfg, base, layers)
-    corpus = cfg.corpus or "world"
+    corpus = cfg.corpus or default_corpus(cfg.model)
     stats_keys = None
     spec = method.statistics(resolved_hparams(method, base, hparams))
     stats_args: tuple = ()

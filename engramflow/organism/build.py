@@ -3,7 +3,8 @@
 A build lives under `home.models_dir()` in `<name>-<key>`, the key a hash of its configuration and
 training data. It is written to a hidden temporary directory and then renamed, so a killed build
 never looks cached; every stage then loads it like any Hugging Face causal LM. The build report
-(accuracies, epochs, tokens/s, seconds, history) is `organism.json` beside the weights.
+(accuracies, epochs, tokens/s, seconds, history) is `organism.json` beside the weights; an organism
+of a fact file also keeps `corpus.txt`, the text its statistics and perplexity are computed on.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def _cache_key(cfg: OrganismConfig, data: FactData) -> str:
     return h.hexdigest()[:16]
 
 
+CORPUS_FILE = "corpus.txt"  # beside a fact file's organism: its statements, for statistics and perplexity
+
+
 class OrganismBuildError(RuntimeError):
     """A build that did not reach its accuracy targets; the message says what it reached."""
 
@@ -58,21 +62,25 @@ def derive_config(data: FactData, base: OrganismConfig) -> OrganismConfig:
     """`base` with what `data` needs, never less than `base` gives: a vocabulary with room for every
     object and every word used three times or more (beyond the 256 bytes), an MLP of half a unit or
     more per fact it holds (the default world's has two), positions for two of the longest statements,
-    enough epochs for `MIN_UPDATES` updates, and per-epoch samples of an eighth of the prompts (up to
-    1,000). The embedded worlds' builds are their base configs unchanged."""
+    enough epochs for `MIN_UPDATES` updates, and per-epoch samples of every prompt of a fact file (an
+    eighth of a world's, up to 1,000). The embedded worlds' builds are their base configs unchanged."""
     words = Counter(w for s in data.statements for w in s.split())
     vocab = _pow2_at_least(256 + len(data.objects) + sum(1 for c in words.values() if c >= 3))
     facts = len({(s, r) for s, r in zip(data.subjects, data.relations, strict=True) if s}) + sum(
         1 for s in data.subjects if not s)
     steps = math.ceil(math.ceil(len(data.statements) / base.statements_per_sequence) / base.batch_size)
     longest = max(len(s) for s in data.statements)
+    # A fact file's build checks its targets on every prompt (up to 2,000 a split); the worlds' builds
+    # keep their samples, an eighth of the prompts (their cache keys stay).
+    sample = (min(2000, max(len(data.train), len(data.heldout))) if data.prompt_chars is not None
+              else min(1000, len(data.train) // 8))
     return replace(
         base,
         vocab_size=max(base.vocab_size, min(16384, vocab)),
         n_inner=max(base.n_inner, _pow2_at_least(facts) // 2),
         n_positions=max(base.n_positions, _pow2_at_least(base.statements_per_sequence * longest / 3)),
         max_epochs=max(base.max_epochs, math.ceil(MIN_UPDATES / steps)),
-        eval_sample=max(base.eval_sample, min(1000, len(data.train) // 8)),
+        eval_sample=max(base.eval_sample, sample),
     )
 
 
@@ -109,7 +117,7 @@ def build_organism(tiny: bool = False, facts: str | os.PathLike[str] | None = No
     (`derive_config`). A build that misses its accuracy targets raises OrganismBuildError and is kept
     under `failed/`, never cached."""
     data, suffix = fact_data(tiny, facts, format, world)
-    base = config or (TINY_CONFIG if tiny else DEFAULT_CONFIG)
+    base = config or (TINY_CONFIG if tiny or world == "world-tiny" else DEFAULT_CONFIG)
     cfg = derive_config(data, replace(base, name=f"{base.name}-{suffix}") if suffix else base)
     if not data.heldout:
         raise OrganismBuildError(
@@ -121,10 +129,13 @@ def build_organism(tiny: bool = False, facts: str | os.PathLike[str] | None = No
     if (target / "organism.json").is_file():
         return target
     model, tok, report = train_organism(data, cfg, progress=progress)
+    # A fact file's organism brings its own statistics corpus (`models.default_corpus`); a world's is
+    # the world's (`corpus_texts("world-large")`).
+    corpus = data.corpus_text() if facts is not None else None
     if not report["targets_reached"]:
         failed = root / "failed" / target.name
         shutil.rmtree(failed, ignore_errors=True)  # an earlier failure of the same build
-        _save(model, tok, report, failed)
+        _save(model, tok, report, failed, corpus)
         raise OrganismBuildError(
             f"{cfg.name} on {data.source} did not reach its targets (train top-1 {cfg.target_train}, held-out "
             f"{cfg.target_heldout}) in {report['epochs']} epochs: best epoch {report['best_epoch']} read "
@@ -132,11 +143,11 @@ def build_organism(tiny: bool = False, facts: str | os.PathLike[str] | None = No
             f"per-epoch samples, {report['train_top1']:.3f} / {report['heldout_top1']:.3f} on every prompt "
             f"({report['n_train_prompts']} / {report['n_heldout_prompts']}), {report['build_seconds']:.0f} s. "
             f"Not cached; the model and its report are in {failed}")
-    _save(model, tok, report, target)
+    _save(model, tok, report, target, corpus)
     return target
 
 
-def _save(model: Any, tok: Any, report: dict[str, Any], target: Path) -> None:
+def _save(model: Any, tok: Any, report: dict[str, Any], target: Path, corpus: str | None = None) -> None:
     """Write a build to `target` through a hidden temporary directory, so a killed build never looks
     complete; a concurrent build that got there first wins."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +156,8 @@ def _save(model: Any, tok: Any, report: dict[str, Any], target: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "organism.json").write_text(json.dumps(report, indent=1))
+        if corpus is not None:
+            (tmp / CORPUS_FILE).write_text(corpus)
         if target.is_dir() and not (target / "organism.json").is_file():
             shutil.rmtree(target)  # a failed build's leftovers
         os.rename(tmp, target)

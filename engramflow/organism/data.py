@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +103,14 @@ class FactData:
         if self.paraphrases:
             h.update(json.dumps(self.paraphrases).encode())
         return h.hexdigest()
+
+    def corpus_text(self, seed: int = 0) -> str:
+        """A text corpus for covariance statistics and perplexity, as `World.corpus_text`: every
+        statement and every held-out prompt with its object, shuffled, six to a line."""
+        rng = random.Random(seed)
+        lines = [" ".join(s.split()) for s in self.statements] + [f"{p} {o}." for p, o in self.heldout]
+        rng.shuffle(lines)
+        return "\n".join(" ".join(lines[i:i + 6]) for i in range(0, len(lines), 6)) + "\n"
 
     def prompt_length(self, k: int) -> int:
         """Characters of statement `k` before its object's separating space (0: no object)."""

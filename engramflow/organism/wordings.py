@@ -5,9 +5,9 @@ A file of edit requests (CounterFact, zsRE, a user's JSONL) says little directly
 paraphrases, neighbourhood prompts about other subjects. Read together, they say more:
 
 - **Wordings.** A prompt with its subject cut out is a template ("The mother tongue of {} is").
-  Templates of one fact belong to one relation, and so do those of its neighbours that share its
-  answer (CounterFact builds neighbourhoods that way); a relation id, where the file has one, joins
-  its templates too. So every relation gets the wordings the file uses for it (about seven per
+  A relation id, where the file has one, joins its templates; without one, a prompt's template and
+  its paraphrase's join where the paraphrase's is some request's prompt template too and the pairing
+  recurs for two subjects or more. So every relation gets the wordings the file uses for it (about seven per
   CounterFact relation), and every fact can be stated in several of them, as the embedded world's are.
 - **Neighbours' facts.** A neighbourhood prompt that fills a known template names another subject;
   that subject's fact is learned too (its prompt and one more wording), so neighbourhood scores
@@ -79,6 +79,12 @@ def match_template(prompt: str, templates: Iterable[str]) -> tuple[str, str] | N
     return best
 
 
+def _alike(a: set[str], b: set[str]) -> bool:
+    """Whether two wordings' answers look like one relation's: either has none yet, or they share a
+    quarter of the smaller set (one stray answer in common does not make a language a country)."""
+    return not a or not b or len(a & b) >= max(1, min(len(a), len(b)) / 4)
+
+
 class _Groups:
     """Union-find over templates: which wordings belong to one relation. A group holds at most one
     relation id, so the file's own relation ids are never merged."""
@@ -86,6 +92,7 @@ class _Groups:
     def __init__(self) -> None:
         self.parent: dict[str, str] = {}
         self.ids: dict[str, set[str]] = {}  # root -> relation ids
+        self.answers: dict[str, set[str]] = {}  # root -> objects the file gives its wordings
 
     def find(self, x: str) -> str:
         self.parent.setdefault(x, x)
@@ -103,18 +110,26 @@ class _Groups:
         ids.add(relation)
         return True
 
-    def union(self, a: str, b: str) -> bool:
-        """Join a's and b's groups unless they hold different relation ids; True if joined (or one)."""
+    def answer(self, x: str, obj: str) -> None:
+        """Note an object the file gives x's wording."""
+        self.answers.setdefault(self.find(x), set()).add(obj)
+
+    def union(self, a: str, b: str, same_id: bool = False) -> bool:
+        """Join a's and b's groups unless they hold different relation ids or (unless the file's ids
+        join them, `same_id`) their answers are not `_alike`; True if joined."""
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return True
         ids = self.ids.get(ra, set()) | self.ids.get(rb, set())
-        if len(ids) > 1:
+        answers_a, answers_b = self.answers.get(ra, set()), self.answers.get(rb, set())
+        if len(ids) > 1 or (not same_id and not _alike(answers_a, answers_b)):
             return False
         root, child = min(ra, rb), max(ra, rb)  # deterministic: the smaller name is the root
         self.parent[child] = root
         self.ids[root] = ids
         self.ids.pop(child, None)
+        self.answers[root] = answers_a | answers_b
+        self.answers.pop(child, None)
         return True
 
     def relation(self, x: str) -> str | None:
@@ -186,15 +201,18 @@ def read_wordings(requests: Iterable[Mapping[str, Any]]) -> Wordings:
     paraphrase_nodes: list[list[str]] = []
     used_by: dict[str, set[str]] = {}  # wording -> subjects the file uses it with
     anchors: dict[str, str] = {}  # relation id -> its first wording
+    pairs: dict[tuple[str, str], None] = {}  # (prompt's wording, paraphrase's wording), in order
     for r in requests:
         subject, relation = r["subject"], r.get("relation")
         t0 = _node(relation, template_of(r["prompt"], subject))
         edit_nodes.append(t0)
         groups.find(t0)
+        if r.get("target_true"):
+            groups.answer(t0, r["target_true"])
         used_by.setdefault(t0, set()).add(subject)
         if relation:  # the file's relation id joins its wordings
             groups.name(t0, str(relation))
-            groups.union(t0, anchors.setdefault(str(relation), t0))
+            groups.union(t0, anchors.setdefault(str(relation), t0), same_id=True)
         wordings = []
         for p in r.get("paraphrase_prompts") or []:
             if subject not in p:
@@ -203,11 +221,22 @@ def read_wordings(requests: Iterable[Mapping[str, Any]]) -> Wordings:
             if split is not None:
                 contexts.setdefault(split[0])
             wording = _node(relation, split[1] if split is not None else template_of(p, subject))
-            if not groups.union(t0, wording):
-                continue
+            groups.find(wording)
+            if r.get("target_true"):
+                groups.answer(wording, r["target_true"])
             used_by.setdefault(wording, set()).add(subject)
+            pairs.setdefault((t0, wording))
             wordings.append(wording)
         paraphrase_nodes.append(wordings)
+    # A prompt's wording and its paraphrase's are one relation's where the file says so (a relation id).
+    # Without an id, only wordings that are some request's own prompt join (CounterFact's relation
+    # templates); a paraphrase in a wording of its own ("Where {} is from, people speak the language
+    # of", EasyEdit's rephrases of several relations) stays that fact's.
+    for t0, wording in pairs:
+        if groups.relation(t0) is not None:
+            groups.union(t0, wording, same_id=True)
+        elif _text(wording) in bare:
+            groups.union(t0, wording)
     nodes = list(groups.parent)
     by_group: dict[str, list[str]] = {}
     for t in nodes:
@@ -222,8 +251,7 @@ def read_wordings(requests: Iterable[Mapping[str, Any]]) -> Wordings:
         return next(t for t in candidates if _text(t) == found[0]), found[1]
 
     # 2. Facts: each request's own, then its neighbours' (a neighbour that fills a wording of the
-    #    request's relation; in a file without relation ids, of any relation when it shares the
-    #    request's answer, as CounterFact's neighbourhoods do).
+    #    request's relation; in a file without relation ids, any wording of the file).
     facts: dict[tuple[str, str], Fact] = {}
     conflicts = 0
     plain: dict[tuple[str, str], None] = {}
@@ -256,10 +284,10 @@ def read_wordings(requests: Iterable[Mapping[str, Any]]) -> Wordings:
             prompt, target = n["prompt"], n["target"]
             objects.setdefault(target)
             found = match(prompt, by_group.get(groups.find(t0), []))
-            if found is None and not r.get("relation") and target == r.get("target_true"):
+            if found is None and not r.get("relation"):
+                # Without relation ids, any wording the file uses will do; it joins no relations (two
+                # relations share answers: French is a language of people, films and countries).
                 found = match(prompt, unlabelled)
-                if found is not None and not groups.union(found[0], t0):
-                    found = None
             if found is not None:
                 used_by.setdefault(found[0], set()).add(found[1])
             # A neighbour whose subject is unknown, or holds another object here, is trained as written.
