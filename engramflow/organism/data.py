@@ -56,6 +56,7 @@ class FactData:
         """The facts of a request file (its own and its neighbours'), each stated in several wordings of
         its relation with some held out, plus the context sentences of its paraphrases
         (`organism.wordings`)."""
+        requests = list(requests)
         w = read_wordings(requests)
         if not w.facts and not w.plain:
             raise ValueError(f"no request in {source} has a true object to train on")
@@ -86,7 +87,8 @@ class FactData:
             "context_sentences": len(w.contexts), "relations": len({f.relation for f in w.facts}),
             "facts_with_heldout": sum(1 for f in edited if f.held), "conflicting_objects": w.conflicts,
             # Targets no fact has as its object: their output embeddings learn nothing (ORGANISM.md).
-            "untrained_targets": sorted(set(w.objects) - {o for _, o in train}),
+            "untrained_targets": sorted({o for r in requests for o in (r.get("target_new"),) if o}
+                                        - {o for _, o in train}),
         }
         return cls(statements, train, w.heldout_pairs(), objects, source, subjects, relations, prompt_chars,
                    w.paraphrases, notes)

@@ -191,7 +191,11 @@ def _text(node: str) -> str:
 
 def read_wordings(requests: Iterable[Mapping[str, Any]]) -> Wordings:
     """The facts, wordings and held-out split of normalised requests (`data.ingest` rows)."""
-    requests = list(requests)
+    # Requests as the ingest stage normalises them: the prompt filled, the subject in it.
+    requests = [{**r, "prompt": fill(r["prompt"], r["subject"])} for r in requests if r.get("subject")]
+    plain: dict[tuple[str, str], None] = {
+        (r["prompt"], r["target_true"]): None for r in requests if r.get("target_true") and r["subject"] not in r["prompt"]}
+    requests = [r for r in requests if r["subject"] in r["prompt"]]
     groups = _Groups()
     objects: dict[str, None] = {}
     # 1. Wordings of the requests' prompts and paraphrases, joined into relations.
@@ -254,7 +258,6 @@ def read_wordings(requests: Iterable[Mapping[str, Any]]) -> Wordings:
     #    request's relation; in a file without relation ids, any wording of the file).
     facts: dict[tuple[str, str], Fact] = {}
     conflicts = 0
-    plain: dict[tuple[str, str], None] = {}
 
     def add(subject: str, wording: str, obj: str, edited: bool, held: Iterable[str] = ()) -> bool:
         """Record a fact; False if the subject already has another object under this relation."""
