@@ -61,9 +61,10 @@ def main() -> None:
     from engramflow.editors.requests import as_requests
     from engramflow.editors.solver import SolverError
     from engramflow.models import default_corpus, load_model
+    from engramflow.organism import idle_threads
     from engramflow.tasks.stats import corpus_texts
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(min(2, idle_threads()))  # spinning OpenMP threads on a busy CPU cost more than they give
     model_dir, dataset, fmt = organism(args)
     requests, _ = load_requests(dataset, fmt)
     by_id = {r["request_id"]: r for r in requests}

@@ -83,7 +83,8 @@ def run_method(method: str, model: str, dataset: str, fmt: str, args: argparse.N
         protocols = list(dict.fromkeys([*protocols_for(fmt, method), *EXTRA[method]]))
     cfg = RunConfig(algorithm=method, model=model, dataset=dataset, format=fmt, n=args.n,
                     batch_size=args.batch_size, n_probes=args.n_probes, seed=args.seed,
-                    hparams=json.loads(args.hparams.get(method, "{}")), protocols=protocols)
+                    hparams=json.loads(args.hparams.get(method, "{}")), protocols=protocols,
+                    edit_cpus=args.edit_cpus)
     run_id = cfg.run_id("sequential")
     started = time.perf_counter()
     try:
@@ -153,9 +154,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hparams", action="append", default=[], metavar="METHOD=JSON",
                         help="overrides of a method's preset, e.g. emmet='{\"emmet_lambda\": 0.1}'")
+    parser.add_argument("--edit-cpus", type=int, help="torch threads of an edit task (default: the idle cores, "
+                        "up to 2: OpenMP threads on an oversubscribed CPU spin against each other)")
     parser.add_argument("--out", type=Path, help="where the comparison report goes (default: <home>/reports/...)")
     args = parser.parse_args()
     args.hparams = dict(h.split("=", 1) for h in args.hparams)
+    if args.edit_cpus is None:
+        from engramflow.organism import idle_threads
+
+        args.edit_cpus = min(2, idle_threads())
 
     from engramflow.ledger import default_store
     from engramflow.report import compare_report
