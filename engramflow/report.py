@@ -71,7 +71,13 @@ class RunData:
 
     @property
     def label(self) -> str:
-        return f"{self.run['algorithm'] or self.run['flow']} ({self.run_id})"
+        """Method, model and batch size: what tells runs apart in a legend."""
+        params = json.loads(self.run["params"] or "{}")
+        model = Path(str(self.run["model"] or "?")).name
+        parts = [str(self.run["algorithm"] or self.run["flow"]), model]
+        if params.get("batch_size"):
+            parts.append(f"batch {params['batch_size']}")
+        return " · ".join(parts)
 
     @property
     def last_step(self) -> int | None:
@@ -183,15 +189,29 @@ def _x_axis(ax: Axes, x_label: str) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: "unedited" if v == 0 else f"{v:g}"))
 
 
+# Marker and dash per line, so lines that lie on top of each other stay distinguishable.
+STYLES = (("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", (0, (5, 1))), ("P", (0, (3, 1, 1, 1))))
+
+
 def _line(ax: Axes, data: RunData, series: Series | None, label: str, **style: Any) -> None:
-    """Plot `series` against the run's x positions; the unedited point gets a hollow marker."""
+    """Plot `series` against the run's x positions, each line with its own marker and dash. The unedited
+    point is a hollow marker joined to the first batch by a faint dotted segment: nothing was measured
+    between them, so no solid line pretends otherwise."""
     if not series:
         return
+    marker, dash = STYLES[len(ax.get_lines()) % len(STYLES)] if "marker" not in style else (style["marker"], "-")
+    style = {"marker": marker, "linestyle": dash, **style}
     steps = sorted(s for s in series if s in data.x)
     xs, ys = [data.x[s] for s in steps], [series[s] for s in steps]
-    (line,) = ax.plot(xs, ys, marker="o", markersize=4, label=label, **style)
+    edited = [i for i, s in enumerate(steps) if s >= 0]
+    (line,) = ax.plot([xs[i] for i in edited], [ys[i] for i in edited], markersize=5, label=label, **style)
     if steps and steps[0] == -1:
-        ax.plot(xs[:1], ys[:1], marker="o", markersize=8, markerfacecolor="white", color=line.get_color())
+        color = line.get_color()
+        ax.plot(xs[:1], ys[:1], marker=style["marker"], markersize=8, markerfacecolor="white", color=color,
+                linestyle="none")
+        if edited:
+            ax.plot([xs[0], xs[edited[0]]], [ys[0], ys[edited[0]]], linestyle=":", linewidth=1, alpha=0.5,
+                    color=color)
 
 
 def _collapse(ax: Axes, data: RunData, color: str = "crimson", label: str | None = None) -> None:
@@ -372,10 +392,34 @@ def write_report(store: Store, run_id: str, out_dir: str | Path) -> Path:
     ]
     for title, path in plots.items():
         lines += [f"### {title}", "", f"![{title}]({path.name})" if path else "(nothing recorded)", ""]
+    lines += _trace_section(store, run, out)
     lines += ["## Run parameters", "", *_params_table(run)]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _trace_section(store: Store, run: Mapping[str, Any], out: Path) -> list[str]:
+    """The causal-trace heatmaps behind a run whose layers were located (`--layers auto`), copied beside
+    the report so its links work wherever the report goes."""
+    import shutil
+
+    import pyarrow.compute as pc
+
+    from engramflow.home import get_home
+
+    if json.loads(run["params"] or "{}").get("layers") != "auto":
+        return []
+    traces = store.read("traces", columns=["trace_id", "base_model"], filter=pc.field("base_model") == run["model"])
+    lines = ["## Where the facts live (causal tracing)", ""]
+    for trace_id in sorted(set(traces.column("trace_id").to_pylist())):
+        source = get_home() / "reports" / "traces" / trace_id
+        for image in sorted(source.glob("*.png")):
+            target = out / "traces" / trace_id / image.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(image, target)
+            lines += [f"![{trace_id}: {image.stem}](traces/{trace_id}/{image.name})", ""]
+    return lines if len(lines) > 2 else []
 
 
 def _compare_series(data: RunData, metric: str) -> Series | None:

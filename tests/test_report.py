@@ -295,5 +295,12 @@ def test_cli_report_history_and_revert(ledger: Ledger, monkeypatch: pytest.Monke
     out = cli("revert", jobs)
     assert out.exit_code == 0, out.output
     assert "new version revert-" in out.output and "Abraham Lincoln" in out.output  # batch 1's other edit
+    # the reverted version is evaluated, one step after the run's last batch, without the removed edits
+    after = ledger.store.sql(f"SELECT DISTINCT step, model_version FROM metrics WHERE run_id = '{emmet}' "
+                             "AND model_version LIKE 'revert-%'").to_pylist()
+    assert len(after) == 1 and after[0]["step"] == 2
+    scored = ledger.store.sql(f"SELECT DISTINCT request_id FROM metrics WHERE run_id = '{emmet}' AND step = 2 "
+                              "AND protocol = 'counterfact'").column("request_id").to_pylist()
+    assert len(scored) == 2  # 4 edits, 2 of them (Steve Jobs' batch) removed
     out = cli("revert", "edit-000000000000")
     assert out.exit_code == 1 and "edit 'edit-000000000000' is not recorded" in out.output

@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"engramflow.flows"},
     {"engramflow.cli"},
 ]
-MIDDLE = {"engramflow.models", "engramflow.ledger", "engramflow.runtime", "engramflow.report"}
+MIDDLE = {"engramflow.models", "engramflow.ledger", "engramflow.runtime", "engramflow.report", "engramflow.progress"}
 # Packages that import nothing of engramflow but themselves: usable on their own, in any environment.
 SELF_CONTAINED = {"engramflow.editors", "engramflow.storage"}
 # Third-party packages a layer must not import (editors is plain torch: usable without the pipeline).
@@ -61,8 +61,9 @@ def _imports(path: Path, module: str) -> list[tuple[int, str]]:
             base = node.module or ""
             if node.level:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
-            # `from engramflow import home` imports the submodule engramflow.home
-            out += [(node.lineno, f"{base}.{alias.name}" if base == "engramflow" else base) for alias in node.names]
+            # `from engramflow import home` imports the submodule engramflow.home (`__version__` is the root's)
+            out += [(node.lineno, f"{base}.{alias.name}" if base == "engramflow" and not alias.name.startswith("__")
+                     else base) for alias in node.names]
     return out
 
 

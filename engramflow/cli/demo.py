@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         """Build the organism, ingest the world, edit N facts with each algorithm, report."""
         from rich.console import Console
 
-        from engramflow import home
+        from engramflow import home, progress
         from engramflow.data.ingest import ingest_file
         from engramflow.flows.config import RunConfig
         from engramflow.flows.sequential import sequential_flow
@@ -53,6 +53,7 @@ def register(app: typer.Typer) -> None:
 
         console.rule("3. sequential editing (Prefect flows, stages on Ray)")
         run_ids = []
+        progress.use_terminal_sink()
         with pipeline_runtime():
             for algorithm in algorithms.split(","):
                 cfg = RunConfig(algorithm=algorithm, model=str(model_dir), dataset=world,

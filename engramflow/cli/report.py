@@ -90,12 +90,16 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from engramflow.ledger import default_store, revert_edit
+        from engramflow.tasks.evaluate import evaluate_revert
 
+        store = default_store()
         try:
-            result = revert_edit(default_store(), edit_id, run)
+            result = revert_edit(store, edit_id, run)
         except (KeyError, ValueError) as err:
             raise _error(_message(err)) from None
         console = Console()
+        with console.status("evaluating the new version"):
+            evaluate_revert(store, result.version)
         console.print(f"new version [bold]{result.version.version_id}[/bold] = {result.parent.version_id} "
                       f"without edit {result.edit['edit_id']} (artifact {result.removed_key[:12]}…)",
                       highlight=False)

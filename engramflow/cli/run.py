@@ -33,6 +33,7 @@ def execute(flow_name: str, cfg, ray_address: str | None, run_id: str | None = N
     """Run a flow on the pipeline runtime and print its summary; returns the run id."""
     from rich.console import Console
 
+    from engramflow import progress
     from engramflow.flows.edit import edit_flow
     from engramflow.flows.experts import experts_flow
     from engramflow.flows.sequential import sequential_flow
@@ -41,6 +42,7 @@ def execute(flow_name: str, cfg, ray_address: str | None, run_id: str | None = N
     from engramflow.runtime import pipeline_runtime, task_runner
 
     flow = {"edit": edit_flow, "sequential": sequential_flow, "experts": experts_flow}[flow_name]
+    progress.use_terminal_sink()
     with pipeline_runtime(ray_address=ray_address):
         run_id = flow.with_options(task_runner=task_runner())(cfg, run_id=run_id)
     store = default_store()

@@ -295,6 +295,7 @@ def plot_heatmaps(rows: Sequence[Row], out_dir: str | Path, prefix: str = "trace
         fig, ax = plt.subplots(figsize=(3.5 + 0.3 * n_layers, 1.5 + 0.3 * len(keys)))
         image = ax.imshow(grid.numpy(), aspect="auto", cmap={"hidden": "Purples", "mlp": "Greens"}.get(kind, "Reds"))
         ax.set_yticks(range(len(keys)), ylabels)
+        ax.set_xticks(range(n_layers))  # one tick per layer: layers are integers
         ax.set_xlabel("layer")
         ax.set_title(f"indirect effect: {kind}")
         fig.colorbar(image, ax=ax)

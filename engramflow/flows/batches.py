@@ -8,12 +8,14 @@ the ledger, so running the same config again resumes where it stopped.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any
 
 from prefect import get_run_logger
 from prefect.futures import wait
 from prefect_ray.context import remote_options
 
+from engramflow import progress
 from engramflow.data.selection import select_requests
 from engramflow.editors.methods import Method, get_method
 from engramflow.flows.config import RunConfig
@@ -109,13 +111,14 @@ def _run(flow_name: str, cfg: RunConfig, run_id: str) -> None:
     shards = cfg.shards or method.default_shards
 
     evaluations = []
-    with remote_options(**gpu):
+    with ExitStack() as stack, remote_options(**gpu):
         # step -1: the unedited model on every request the run will edit, the probes and the rest
         evaluations.append(evaluate_version.submit(run_id, base, -1, edit_ids, probe_ids, protocols, cfg.algorithm,
                                                    hparams, cfg.device, corpus))
         parent = base
         batches = [edit_ids[i: i + cfg.batch_size] for i in range(0, len(edit_ids), cfg.batch_size)]
         committed_before = committed_batches(store, run_id)  # a resumed run's batches need no precomputing
+        bar = stack.enter_context(progress.stage(f"{method.name}: batches of {cfg.batch_size}", len(batches)))
         for index, batch in enumerate(batches):
             # Per-request work (targets, experts) dominates editing: its shards run as parallel tasks
             # first (one core or GPU each), then the edit reads their results from the cache.
@@ -137,7 +140,8 @@ def _run(flow_name: str, cfg: RunConfig, run_id: str) -> None:
             done_so_far = edit_ids[: (index + 1) * cfg.batch_size]
             evaluations.append(evaluate_version.submit(run_id, parent, index, done_so_far, probe_ids, protocols,
                                                        cfg.algorithm, hparams, cfg.device, corpus))
-            log.info("batch %d/%d committed as %s", index + 1, len(batches), parent.version_id)
+            log.debug("batch %d/%d committed as %s", index + 1, len(batches), parent.version_id)
+            bar.advance(parent.version_id)
         wait(evaluations)
         for future in evaluations:
             future.result()

@@ -158,3 +158,28 @@ def evaluate_version(run_id: str, version: Version, step: int, edited_ids: list[
         row.update(run_id=run_id, model_version=version.version_id, step=step)
     store.append("metrics", rows)
     return len(rows)
+
+
+def evaluate_revert(store: Store, version: Version) -> int:
+    """Score a version made by `ledger.revert_edit` as its run scores its batches, one step after the
+    run's last, so `history` and the report show what holds after the revert. The edits it scores are
+    those its artifacts still carry; the probes are the run's own."""
+    import pyarrow.compute as pc
+
+    from engramflow.storage import queries as q
+
+    run = q.run_row(store, version.run_id)
+    params = json.loads(run["params"] or "{}")
+    kept: set[str] = set()
+    for key in (*version.delta_keys, *([version.state_key] if version.state_key else [])):
+        kept.update(load_artifact(store, key).request_ids)
+    edits = store.read("edits", columns=["run_id", "request_id", "batch_index"], filter=pc.field("run_id") == run["run_id"])
+    order = sorted(zip(edits.column("batch_index").to_pylist(), edits.column("request_id").to_pylist(), strict=True))
+    edited = [rid for rid in dict.fromkeys(rid for _, rid in order) if rid in kept]
+    metrics = store.read("metrics", columns=["run_id", "protocol", "step", "request_id"],
+                         filter=pc.field("run_id") == run["run_id"]).to_pylist()
+    probes = list(dict.fromkeys(r["request_id"] for r in metrics if r["protocol"] == "probe" and r["step"] == -1))
+    step = max((r["step"] for r in metrics), default=-1) + 1
+    protocols = protocols_for(params.get("format", "world"), run["algorithm"], params.get("protocols"))
+    return evaluate_version.fn(run["run_id"], version, step, edited, probes, protocols, run["algorithm"],
+                               params.get("hparams"), params.get("device", "cpu"), params.get("corpus") or "world")

@@ -11,42 +11,17 @@ records comes from one of them. Adding a protocol is one module here.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Iterable, Sequence
 
 from engramflow.editors.evaluation.base import EvalContext, Evaluator, Row, asked_prompts
 from engramflow.editors.evaluation.scoring import harmonic_mean
+from engramflow.editors.registry import Registry
 
-EVALUATORS: dict[str, Evaluator] = {}
-_LOADED = False
-
-
-def register(evaluator: Evaluator) -> Evaluator:
-    """Add an evaluator to the registry under its name (a module calls this at import)."""
-    if evaluator.name in EVALUATORS and EVALUATORS[evaluator.name] is not evaluator:
-        raise ValueError(f"an evaluator named {evaluator.name!r} is already registered")
-    EVALUATORS[evaluator.name] = evaluator
-    return evaluator
-
-
-def load_all() -> dict[str, Evaluator]:
-    """Import every module of this package once; the registry, name -> evaluator."""
-    global _LOADED
-    if not _LOADED:
-        for info in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{info.name}")
-        _LOADED = True
-    return EVALUATORS
-
-
-def get_evaluator(name: str) -> Evaluator:
-    """The registered evaluator `name` (ValueError naming the known ones otherwise)."""
-    evaluators = load_all()
-    try:
-        return evaluators[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown evaluation protocol {name!r}; known: {', '.join(sorted(evaluators))}") from None
+_REGISTRY: Registry[Evaluator] = Registry(__name__, "evaluation protocol", skip=("base", "scoring"))
+EVALUATORS = _REGISTRY.items  # name -> evaluator (complete once load_all has run)
+register = _REGISTRY.register
+load_all = _REGISTRY.load_all
+get_evaluator = _REGISTRY.get
 
 
 def evaluate(ctx: EvalContext, names: Sequence[str]) -> list[Row]:

@@ -22,6 +22,7 @@ from torch import nn
 from engramflow.editors.artifacts import Artifact
 from engramflow.editors.cache import RequestCache
 from engramflow.editors.covariance import Corpus, SecondMoment
+from engramflow.editors.hparams import Hparams, resolve
 from engramflow.editors.requests import Request
 
 # Covariance statistics as a method takes them: per layer (SecondMoment or a C matrix), or a corpus.
@@ -93,3 +94,17 @@ class Method(ABC):
     def describe(self, hp: Any) -> dict[str, Any]:
         """The settings as a JSON-able mapping (what a run records)."""
         return dict(vars(hp))
+
+
+@dataclass(frozen=True)
+class PresetMethod(Method):
+    """A method whose settings are `Hparams` from the presets (`editors/presets/<name>-<model>.yaml`)."""
+
+    def hparams(self, model: nn.Module | Any, overrides: Any = None) -> Hparams:
+        return resolve(self.name, model, overrides)
+
+    def layers(self, hp: Hparams) -> list[int]:
+        return list(hp.layers)
+
+    def with_layers(self, hp: Hparams, layers: Sequence[int]) -> Hparams:
+        return hp.replace(layers=list(layers))

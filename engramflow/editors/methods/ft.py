@@ -14,26 +14,17 @@ from torch import nn
 from engramflow.editors.adapters import adapter_for
 from engramflow.editors.cache import RequestCache
 from engramflow.editors.delta import Delta
-from engramflow.editors.hparams import Hparams, resolve
+from engramflow.editors.hparams import Hparams
 from engramflow.editors.keys import context_prefixes, eval_mode
 from engramflow.editors.methods import register
-from engramflow.editors.methods.base import Method, Stats
+from engramflow.editors.methods.base import PresetMethod, Stats
 from engramflow.editors.requests import Request
 from engramflow.editors.targets import PromptChunk, build_prompts, length_groups
 
 
 @dataclass(frozen=True)
-class FineTune(Method):
+class FineTune(PresetMethod):
     artifact: ClassVar[type[Delta]] = Delta
-
-    def hparams(self, model: nn.Module | Any, overrides: Any = None) -> Hparams:
-        return resolve(self.name, model, overrides)
-
-    def layers(self, hp: Hparams) -> list[int]:
-        return list(hp.layers)
-
-    def with_layers(self, hp: Hparams, layers: Sequence[int]) -> Hparams:
-        return hp.replace(layers=list(layers))
 
     def edit(self, model: nn.Module, tok: Any, requests: Sequence[Request], hp: Hparams, *, stats: Stats = None,
              cache: RequestCache | None = None, state: Delta | None = None,

@@ -24,10 +24,10 @@ from engramflow.editors.adapters import adapter_for
 from engramflow.editors.cache import RequestCache
 from engramflow.editors.covariance import SecondMoment, layer_stats
 from engramflow.editors.delta import Delta
-from engramflow.editors.hparams import Hparams, resolve
+from engramflow.editors.hparams import Hparams
 from engramflow.editors.keys import context_prefixes, prefix_weights
 from engramflow.editors.methods import register
-from engramflow.editors.methods.base import Method, StatisticsSpec, Stats
+from engramflow.editors.methods.base import PresetMethod, StatisticsSpec, Stats
 from engramflow.editors.requests import Request
 from engramflow.editors.solver import Constraint, null_space_projector, solve
 from engramflow.editors.spreading import spread
@@ -35,7 +35,7 @@ from engramflow.editors.targets import Targets, cached_targets
 
 
 @dataclass(frozen=True)
-class LocateAndEdit(Method):
+class LocateAndEdit(PresetMethod):
     """A closed-form edit of the MLP output projection at `hp.layers` toward optimised target values."""
 
     constraint: Constraint = "least_squares"
@@ -47,15 +47,6 @@ class LocateAndEdit(Method):
     bare_denominator: bool = False
 
     artifact: ClassVar[type[Delta]] = Delta
-
-    def hparams(self, model: nn.Module | Any, overrides: Any = None) -> Hparams:
-        return resolve(self.name, model, overrides)
-
-    def layers(self, hp: Hparams) -> list[int]:
-        return list(hp.layers)
-
-    def with_layers(self, hp: Hparams, layers: Sequence[int]) -> Hparams:
-        return hp.replace(layers=list(layers))
 
     def statistics(self, hp: Hparams) -> StatisticsSpec:
         return StatisticsSpec(list(hp.layers), hp.mom2_n_tokens, hp.mom2_n_samples, hp.mom2_exclude_edited)
