@@ -8,6 +8,7 @@ probes) and reverted.
     python bench/batch_size.py --facts ../shared/data/counterfact/counterfact-edit.json.gz \\
         --format easyedit-counterfact --records 1300
     python bench/batch_size.py --world world-tiny --n 16 --sizes 1,4,16             # quick
+    python bench/batch_size.py --sizes 1 --n 100 --methods rome,memit,emmet,alphaedit,ft,scen   # single edits
 
 EMMET solves the equality-constrained problem (λ only where a batch has more than one key, as the
 reference does); where Kᵀ C⁻¹ K + λI is ill-conditioned the solver refuses (SolverError naming the
@@ -56,7 +57,7 @@ def main() -> None:
     from engramflow.data.selection import select_requests
     from engramflow.editors.cache import RequestCache
     from engramflow.editors.covariance import NoMentions, layer_stats, partial_stats, without
-    from engramflow.editors.evaluation import EvalContext, evaluate, summarize
+    from engramflow.editors.evaluation import EvalContext, asked_prompts, evaluate, summarize
     from engramflow.editors.methods import get_method
     from engramflow.editors.requests import as_requests
     from engramflow.editors.solver import SolverError
@@ -84,19 +85,21 @@ def main() -> None:
     for name in args.methods.split(","):
         method = get_method(name)
         hp = method.hparams(model, overrides.get(name))
-        full = layer_stats(model, tok, hp.layers, texts, max_tokens=hp.mom2_n_tokens, max_samples=hp.mom2_n_samples,
-                           cache_dir=stats_dir)
+        spec = method.statistics(hp)  # None: the method preserves nothing through statistics (FT, SCEN)
+        full = None if spec is None else layer_stats(
+            model, tok, spec.layers, texts, max_tokens=spec.max_tokens, max_samples=spec.max_samples,
+            cache_dir=stats_dir)
         # Targets once for every fact (the cache is shared by every batch size and by both methods).
         started = time.perf_counter()
         method.precompute(model, tok, facts, hp, cache)
-        console.print(f"{name}: targets in {time.perf_counter() - started:.0f} s", highlight=False)
+        console.print(f"{name}: per-request work in {time.perf_counter() - started:.0f} s", highlight=False)
 
-        def stats_for(batch: Sequence[Any], hp: Any = hp, full: Any = full) -> Any:
-            if not hp.mom2_exclude_edited:
+        def stats_for(batch: Sequence[Any], spec: Any = spec, full: Any = full) -> Any:
+            if spec is None or not spec.exclude_edited:
                 return full
             try:
-                minus = partial_stats(model, tok, hp.layers, texts, max_tokens=hp.mom2_n_tokens,
-                                      max_samples=hp.mom2_n_samples, exclude=[r.subject for r in batch],
+                minus = partial_stats(model, tok, spec.layers, texts, max_tokens=spec.max_tokens,
+                                      max_samples=spec.max_samples, exclude=[r.subject for r in batch],
                                       mentions_only=True)
             except NoMentions:
                 return full
@@ -115,7 +118,10 @@ def main() -> None:
                     continue
                 delta.apply(model)
                 try:
-                    scored = evaluate(EvalContext(model, tok, edited=batch, probes=probes), ["counterfact", "probe"])
+                    # As the pipeline scores a method: without the paraphrases it trained on (SCEN).
+                    ctx = EvalContext(model, tok, edited=method.scored(batch, hp), probes=probes,
+                                      asked=asked_prompts(batch))
+                    scored = evaluate(ctx, ["counterfact", "probe"])
                 finally:
                     delta.revert(model)
                 rows += [r for r in scored if r["protocol"] == "counterfact"]
