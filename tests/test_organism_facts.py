@@ -114,7 +114,7 @@ def test_a_file_without_held_out_wordings_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_build_short_of_its_targets_fails_saying_what_it_reached(shared_data: Path, tmp_path: Path) -> None:
-    path = _records(shared_data, "counterfact-edit.json.gz", 30, tmp_path)
+    path = _records(shared_data, "counterfact-edit.json.gz", 80, tmp_path)
     cfg = replace(TINY_CONFIG, name="organism-fail-test", max_epochs=1)
     with pytest.raises(OrganismBuildError, match=r"did not reach its targets .* in 1 epochs: best epoch 1 read") as err:
         build_organism(facts=path, format="easyedit-counterfact", config=cfg, progress=False)
