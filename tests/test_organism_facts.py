@@ -114,24 +114,25 @@ def test_a_file_without_held_out_wordings_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_build_short_of_its_targets_fails_saying_what_it_reached(shared_data: Path, tmp_path: Path) -> None:
-    path = _records(shared_data, "counterfact-edit.json.gz", 80, tmp_path)
+    path = _records(shared_data, "counterfact.json.gz", 40, tmp_path)
     cfg = replace(TINY_CONFIG, name="organism-fail-test", max_epochs=1)
     with pytest.raises(OrganismBuildError, match=r"did not reach its targets .* in 1 epochs: best epoch 1 read") as err:
-        build_organism(facts=path, format="easyedit-counterfact", config=cfg, progress=False)
+        build_organism(facts=path, format="counterfact", config=cfg, progress=False)
     failed = Path(str(err.value).rsplit(" ", 1)[-1])
     assert organism_report(failed)["targets_reached"] is False
     assert not any(p.name.startswith("organism-fail-test") for p in failed.parent.parent.iterdir())  # not cached
 
 
-# The default run's real build: 80 records of EasyEdit's CounterFact split on the tiny model, asked
-# for the world's targets. Cached like the tiny organism (content-hashed, `.engramflow/test-models`).
+# The default run's real build: 40 ROME CounterFact records (and their 261 neighbours' facts, 800
+# statements) on the tiny model, asked for the world's targets. Cached like the tiny organism
+# (content-hashed, `.engramflow/test-models`).
 FACTS_TEST_CONFIG = replace(TINY_CONFIG, name="organism-facts-test", target_heldout=0.85)
 
 
 @pytest.fixture(scope="module")
 def facts_organism(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = _records(shared_data, "counterfact-edit.json.gz", 80, tmp_path_factory.mktemp("cf-edit"))
-    return build_organism(facts=path, format="easyedit-counterfact", config=FACTS_TEST_CONFIG, progress=False)
+    path = _records(shared_data, "counterfact.json.gz", 40, tmp_path_factory.mktemp("cf-40"))
+    return build_organism(facts=path, format="counterfact", config=FACTS_TEST_CONFIG, progress=False)
 
 
 def test_an_organism_of_counterfact_records_knows_them(facts_organism: Path) -> None:
@@ -141,9 +142,9 @@ def test_an_organism_of_counterfact_records_knows_them(facts_organism: Path) -> 
     from engramflow.organism import evaluate_organism, fact_data
 
     report = organism_report(facts_organism)
-    assert report["targets_reached"] and report["n_heldout_prompts"] >= 50
+    assert report["targets_reached"] and report["n_heldout_prompts"] >= 60
     model, tok = load_model(str(facts_organism))
-    data, _ = fact_data(facts=report["source"].split(":", 1)[1], format="easyedit-counterfact")
+    data, _ = fact_data(facts=report["source"].split(":", 1)[1], format="counterfact")
     acc = evaluate_organism(model, tok, data)
     # A fact file's build checks its targets on every prompt: the world's targets hold on all of them.
     assert acc["train_top1"] >= 0.97 and acc["heldout_top1"] >= 0.85
@@ -154,8 +155,8 @@ def test_an_organism_of_counterfact_records_knows_them(facts_organism: Path) -> 
 
 @pytest.mark.slow
 def test_a_few_hundred_counterfact_records_reach_the_world_targets(shared_data: Path, tmp_path: Path) -> None:
-    """300 records on the default model: train >= 0.97 and held-out >= 0.85 (several minutes on two
-    idle cores, cached after)."""
+    """300 records of EasyEdit's split (the issue's failing case was 500 of them) on the default model:
+    train >= 0.97 and held-out >= 0.85 on every prompt (minutes on two idle cores, cached after)."""
     path = _records(shared_data, "counterfact-edit.json.gz", 300, tmp_path)
     report = organism_report(build_organism(facts=path, format="easyedit-counterfact", progress=False))
     assert report["targets_reached"] and report["n_train_prompts"] <= 2000  # checked on every prompt

@@ -5,10 +5,12 @@ A file of edit requests (CounterFact, zsRE, a user's JSONL) says little directly
 paraphrases, neighbourhood prompts about other subjects. Read together, they say more:
 
 - **Wordings.** A prompt with its subject cut out is a template ("The mother tongue of {} is").
-  A relation id, where the file has one, joins its templates; without one, a prompt's template and
-  its paraphrase's join where the paraphrase's is some request's prompt template too and the pairing
-  recurs for two subjects or more. So every relation gets the wordings the file uses for it (about seven per
-  CounterFact relation), and every fact can be stated in several of them, as the embedded world's are.
+  A relation id, where the file has one, joins its templates (a template belongs to its relation:
+  CounterFact words P176 and P178 alike). Without ids, a prompt's template and its paraphrase's join
+  where the paraphrase's is some request's prompt template too and the answers the file gives the
+  two look like one relation's (`_alike`). So every relation gets the wordings the file uses for it
+  (about seven per CounterFact relation), and every fact can be stated in several of them, as the
+  embedded world's are.
 - **Neighbours' facts.** A neighbourhood prompt that fills a known template names another subject;
   that subject's fact is learned too (its prompt and one more wording), so neighbourhood scores
   measure facts the model knows.
