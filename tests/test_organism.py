@@ -128,3 +128,12 @@ def test_train_threads_can_be_set(monkeypatch) -> None:
     assert idle_threads() == 3
     monkeypatch.delenv("ENGRAMFLOW_TRAIN_THREADS")
     assert 1 <= idle_threads() <= (os.cpu_count() or 1)
+
+
+def test_a_run_on_an_organism_reads_its_own_corpus(tiny_organism: Path, tmp_path: Path) -> None:
+    """Statistics and perplexity default to what the organism learned: its world's corpus, or the
+    corpus a fact file's organism keeps; any other model gets the embedded world's."""
+    from engramflow.models import default_corpus
+
+    assert default_corpus(str(tiny_organism)) == "world-tiny"
+    assert default_corpus(str(tmp_path)) == "world"
