@@ -16,12 +16,12 @@ from typing import Any
 _LOADING = threading.Lock()
 
 # What the CLI, the tests and the benchmarks accept for the embedded default, -> `build_organism` kwargs.
-ORGANISM_NAMES = {"organism": {}, "organism-tiny": {"tiny": True}}
+ORGANISM_NAMES = {"organism": {}, "organism-tiny": {"tiny": True}, "organism-large": {"world": "world-large"}}
 
 
 def resolve_model(spec: str) -> str:
-    """`organism` / `organism-tiny` -> the built model's directory (built on first use); any other
-    path or hub id unchanged."""
+    """`organism` / `organism-tiny` / `organism-large` -> the built model's directory (built on first
+    use); any other path or hub id unchanged."""
     if spec in ORGANISM_NAMES:
         from engramflow.organism import build_organism
 
@@ -44,3 +44,22 @@ def load_model(path: str, device: str = "cpu") -> tuple[Any, Any]:
     model = model.to(device)
     model.eval()
     return model, tok
+
+
+def default_corpus(model: str) -> str:
+    """The statistics/perplexity corpus a run on `model` uses when it names none: an organism's own
+    (its world's name, or the `corpus.txt` a fact file's organism keeps), else the embedded world."""
+    import json
+    from pathlib import Path
+
+    from engramflow.data.world import NAMED_WORLDS
+
+    path = Path(model)
+    report = path / "organism.json"
+    if report.is_file():
+        source = json.loads(report.read_text()).get("source")
+        if source in NAMED_WORLDS:
+            return source
+        if (path / "corpus.txt").is_file():
+            return str(path / "corpus.txt")
+    return "world"

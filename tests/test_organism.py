@@ -41,17 +41,20 @@ def test_objects_are_single_tokens(tiny_world: World, world_tokenizer) -> None:
     assert all(len(world_tokenizer.encode(f" {o}")) == 1 for o in objects)
 
 
-def test_fact_data_from_requests_trains_every_prompt() -> None:
+def test_fact_data_from_requests_trains_prompts_and_neighbours_and_holds_out_paraphrases() -> None:
     requests = [{"prompt": "{} was born in", "subject": "Ada Vell", "target_new": "Orsk", "target_true": "Brin",
                  "relation": "P19", "paraphrase_prompts": ["Ada Vell grew up in"],
                  "neighborhood": [{"prompt": "Tom Vell was born in", "target": "Brin"}]},
                 {"prompt": "Zed plays", "subject": "Zed", "target_new": "harp", "target_true": None}]
     data = FactData.from_requests(requests, "test")
-    assert data.train == [("Ada Vell was born in", "Brin"), ("Ada Vell grew up in", "Brin"),
-                          ("Tom Vell was born in", "Brin")]
+    # The neighbour fills the request's wording: Tom Vell's fact, learned with its subject.
+    assert data.train == [("Ada Vell was born in", "Brin"), ("Tom Vell was born in", "Brin")]
     assert data.statements[0] == "Ada Vell was born in Brin."
-    assert set(data.objects) == {"Orsk", "Brin", "harp"} and data.heldout == []
-    assert data.relations == ["P19", "P19", ""]  # a neighbourhood prompt's relation is not known
+    assert data.subjects == ["Ada Vell", "Tom Vell"] and data.relations == ["P19", "P19"]
+    assert data.paraphrases == [("Ada Vell grew up in", "Brin")]  # held out as written, never trained
+    assert set(data.objects) == {"Orsk", "Brin", "harp"}
+    # No wording here is used with two subjects or more: nothing to hold out besides the paraphrase.
+    assert data.heldout == [] and data.notes["untrained_targets"] == ["Orsk", "harp"]
 
 
 def test_packed_sequences_mark_the_token_before_each_object(tiny_world: World, world_tokenizer) -> None:
@@ -125,3 +128,12 @@ def test_train_threads_can_be_set(monkeypatch) -> None:
     assert idle_threads() == 3
     monkeypatch.delenv("ENGRAMFLOW_TRAIN_THREADS")
     assert 1 <= idle_threads() <= (os.cpu_count() or 1)
+
+
+def test_a_run_on_an_organism_reads_its_own_corpus(tiny_organism: Path, tmp_path: Path) -> None:
+    """Statistics and perplexity default to what the organism learned: its world's corpus, or the
+    corpus a fact file's organism keeps; any other model gets the embedded world's."""
+    from engramflow.models import default_corpus
+
+    assert default_corpus(str(tiny_organism)) == "world-tiny"
+    assert default_corpus(str(tmp_path)) == "world"

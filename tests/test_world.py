@@ -101,3 +101,21 @@ def test_counterfact_export(tiny_world: World, tmp_path: Path) -> None:
 def test_corpus_text_holds_every_statement(tiny_world: World) -> None:
     corpus = tiny_world.corpus_text()
     assert all(s in corpus for s in tiny_world.training_texts())
+
+
+def test_the_large_world_holds_a_thousand_edits_of_every_kind() -> None:
+    """world-large: at least 1,200 facts, every relation and kind of subject, and enough distinct subjects
+    for 1,000 sequential edits (one per subject) beside 100 probes whose subjects are never edited."""
+    from engramflow.data.selection import select_requests
+    from engramflow.data.world import RELATIONS, large_world, named_world
+
+    world = named_world("world-large")
+    assert world is large_world() and len(world.facts) >= 1200
+    assert {f.relation_id for f in world.facts} == {r.relation_id for r in RELATIONS}
+    assert set(world.kinds.values()) == {"person", "company", "city", "country"}
+    requests = [{"request_id": str(f.case_id), "subject": f.subject} for f in world.facts]
+    edits, probes = select_requests(requests, 1000, 100, seed=0)
+    assert len(edits) == 1000 and len(probes) == 100
+    # Sizes are counts to start from; the default world is the one the default organism was built on.
+    assert generate_world(size="default").facts == default_world().facts
+    assert len(generate_world(size="large", n_subjects=100).facts) == 2 * 100 + 60 + 60 + 30

@@ -70,7 +70,7 @@ def _options(
     layers: str = typer.Option("preset", help="'preset', 'auto' (causal tracing) or e.g. '0,1'."),
     window: int = typer.Option(1, help="With --layers auto: how many layers end at the traced peak."),
     hparams: str | None = typer.Option(None, help="Overrides: JSON object or YAML file."),
-    corpus: str | None = typer.Option(None, help="Covariance/perplexity corpus (default: the world's)."),
+    corpus: str | None = typer.Option(None, help="Covariance/perplexity corpus (default: the organism's own, else the world's)."),
     n_probes: int = typer.Option(100, help="Unrelated facts probed after every batch."),
     eval: str | None = typer.Option(None, "--eval", help="Evaluation protocols, comma-separated (default: the "
                                     "format's and the method's)."),

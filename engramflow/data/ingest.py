@@ -601,7 +601,9 @@ def normalise(partial: dict[str, Any], dataset: str, source: str, position: int)
 
 # ---- entry points -------------------------------------------------------------------------------
 def _source(path: str, fmt: str) -> str:
-    if fmt == "world" and path in ("world", "world-tiny"):
+    from engramflow.data.world import NAMED_WORLDS
+
+    if fmt == "world" and path in NAMED_WORLDS:
         return path
     return str(path) if "://" in str(path) else os.path.abspath(path)
 

@@ -249,21 +249,45 @@ def _assign(rng: random.Random, n: int, pool: list[str]) -> list[str]:
     return objs
 
 
+# Sizes of the embedded worlds: the counts `generate_world(size=...)` starts from.
+WORLD_SIZES: dict[str, dict[str, int]] = {
+    # 520 facts of 220 subjects: the default organism's world, a short step of `make demo`.
+    "default": dict(n_subjects=150, relations_per_person=3, n_companies=24, n_cities=30, n_countries=16,
+                    n_languages=14, n_continents=6),
+    # 108 facts: the tests' world, still all eight relations and six templates each.
+    "tiny": dict(n_subjects=40, relations_per_person=2, n_companies=12, n_cities=10, n_countries=6,
+                 n_languages=6, n_continents=4),
+    # 2,150 facts of 1,150 subjects, every kind: enough distinct subjects for 1,000 sequential edits
+    # (one per subject) and 100 unrelated probes whose subjects are never edited.
+    "large": dict(n_subjects=1000, relations_per_person=2, n_companies=60, n_cities=60, n_countries=30,
+                  n_languages=20, n_continents=6),
+}
+
+
 def generate_world(
     seed: int = 0,
-    n_subjects: int = 150,
-    relations_per_person: int = 3,
-    n_companies: int = 24,
-    n_cities: int = 30,
-    n_countries: int = 16,
-    n_languages: int = 14,
-    n_continents: int = 6,
+    n_subjects: int | None = None,
+    relations_per_person: int | None = None,
+    n_companies: int | None = None,
+    n_cities: int | None = None,
+    n_countries: int | None = None,
+    n_languages: int | None = None,
+    n_continents: int | None = None,
     name_pool: int | None = None,
+    size: str = "default",
 ) -> World:
     """A seeded world: `n_subjects` people with `relations_per_person` facts each, companies with
-    headquarters, cities and countries with continents. Same seed, same world. People's names
-    recombine `name_pool` first and `name_pool` last names (default about sqrt(2 n_subjects), so
-    each is shared by several people)."""
+    headquarters, cities and countries with continents; counts not given come from `WORLD_SIZES[size]`.
+    Same seed and counts, same world. People's names recombine `name_pool` first and `name_pool` last
+    names (default about sqrt(2 n_subjects), so each is shared by several people)."""
+    if size not in WORLD_SIZES:
+        raise ValueError(f"unknown world size {size!r}; sizes: {', '.join(WORLD_SIZES)}")
+    given = dict(n_subjects=n_subjects, relations_per_person=relations_per_person, n_companies=n_companies,
+                 n_cities=n_cities, n_countries=n_countries, n_languages=n_languages, n_continents=n_continents)
+    counts = {**WORLD_SIZES[size], **{k: v for k, v in given.items() if v is not None}}
+    n_subjects, relations_per_person = counts["n_subjects"], counts["relations_per_person"]
+    n_companies, n_cities, n_countries = counts["n_companies"], counts["n_cities"], counts["n_countries"]
+    n_languages, n_continents = counts["n_languages"], counts["n_continents"]
     rng = random.Random(seed)
     taken: set[str] = set()
     cities = _words(rng, n_cities, (2, 3), taken)
@@ -320,14 +344,19 @@ def default_world() -> World:
 @lru_cache(maxsize=1)
 def tiny_world() -> World:
     """A small world for fast tests: still all eight relations and six templates each."""
-    return generate_world(seed=0, n_subjects=40, relations_per_person=2, n_companies=12, n_cities=10,
-                          n_countries=6, n_languages=6, n_continents=4)
+    return generate_world(seed=0, size="tiny")
 
 
-NAMED_WORLDS = {"world": default_world, "world-tiny": tiny_world}
+@lru_cache(maxsize=1)
+def large_world() -> World:
+    """A large world (2,150 facts, 1,150 subjects) for runs at the papers' scale of sequential edits."""
+    return generate_world(seed=0, size="large")
+
+
+NAMED_WORLDS = {"world": default_world, "world-tiny": tiny_world, "world-large": large_world}
 
 
 def named_world(name: str) -> World | None:
-    """The embedded world called `name` (`world`, `world-tiny`), or None for any other name."""
+    """The embedded world called `name` (`world`, `world-tiny`, `world-large`), or None for any other name."""
     make = NAMED_WORLDS.get(name)
     return make() if make else None

@@ -29,6 +29,7 @@ from engramflow.ledger import (
     fetch_requests,
     record_run,
 )
+from engramflow.models import default_corpus
 from engramflow.runtime import cpu_options, gpu_options
 from engramflow.tasks.edit import edit_batch, precompute_shard
 from engramflow.tasks.evaluate import evaluate_version, protocols_for
@@ -88,7 +89,7 @@ def statistics_needed(method: Method, cfg: RunConfig, base: Version, hparams: di
     spec = method.statistics(resolved_hparams(method, base, hparams))
     if spec is None:
         return None
-    return StatisticsNeeded(base, list(spec.layers), cfg.corpus or "world", cfg.stats_shards,
+    return StatisticsNeeded(base, list(spec.layers), cfg.corpus or default_corpus(cfg.model), cfg.stats_shards,
                             spec.max_tokens if cfg.stats_tokens is None else cfg.stats_tokens, cfg.device,
                             spec.max_samples, spec.exclude_edited)
 
@@ -146,7 +147,7 @@ def _run(flow_name: str, cfg: RunConfig, run_id: str, settings: dict[str, Any]) 
         settings["layers_from"] = "causal tracing (--layers auto)"
     log.info("settings: %s", ", ".join(f"{k} {settings[k]}" for k in ("preset", "layers_from", "layers", "layer")
                                        if settings.get(k) not in (None, "")))
-    corpus = cfg.corpus or "world"
+    corpus = cfg.corpus or default_corpus(cfg.model)
     needed = statistics_needed(method, cfg, base, hparams)
     stats_keys = needed.compute() if needed is not None else None
     subject_of = {r.request_id: r.subject for r in fetch_requests(store, edit_ids)}

@@ -26,7 +26,7 @@ class RunConfig:
     hparams: dict[str, Any] = field(default_factory=dict)  # overrides of the method's preset
     layers: str = "preset"  # "preset", "auto" (causal tracing), or comma-separated layer indices
     window: int = 1  # with layers="auto": how many layers end at the traced peak (MEMIT's spreading)
-    corpus: str | None = None  # covariance/perplexity corpus: None = the embedded world's
+    corpus: str | None = None  # covariance/perplexity corpus: None = the model's own (models.default_corpus)
     stats_tokens: int | None = None  # keys in the preservation statistics; None = the method's settings
     stats_shards: int = 2
     n_probes: int = 100

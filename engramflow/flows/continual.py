@@ -23,7 +23,6 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
@@ -45,6 +44,7 @@ from engramflow.ledger import (
     stable_id,
     write_edit_rows,
 )
+from engramflow.models import default_corpus
 from engramflow.runtime import cpu_options
 from engramflow.storage import Store
 from engramflow.tasks.edit import edit_candidate
@@ -57,7 +57,6 @@ from engramflow.tasks.gate import (
     perplexity_texts,
     record_gate,
     select_probes,
-    world_of,
 )
 from engramflow.tasks.ingest import ingest
 
@@ -131,16 +130,6 @@ def drop_format(name: str, given: str | None = None) -> str | None:
     if len(parts) >= 2 and parts[-2] in LOADERS:
         return parts[-2]
     return None
-
-
-def default_corpus(model: str) -> str:
-    """The organism's own world for an organism directory, else the embedded world."""
-    report = Path(model) / "organism.json"
-    if report.is_file():
-        source = json.loads(report.read_text()).get("source")
-        if source and world_of(source):
-            return source
-    return "world"
 
 
 def new_tick_id() -> str:

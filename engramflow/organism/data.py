@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from transformers import PreTrainedTokenizerFast
 
 from engramflow.data.world import World
 from engramflow.organism.config import EOS
+from engramflow.organism.wordings import fill, read_wordings
 
 Pair = tuple[str, str]  # (prompt, object)
 
@@ -30,11 +32,17 @@ class FactData:
 
     statements: list[str]  # training text, one statement each
     train: list[Pair]  # (prompt, object) seen in training
-    heldout: list[Pair]  # (prompt, object) never in the training text
+    heldout: list[Pair]  # (prompt, object) never in the training text, its wording seen with other subjects
     objects: list[str]  # every object, trained into the tokenizer with a leading space
     source: str
     subjects: list[str] = field(default_factory=list)  # the subject of each statement ("" if none)
     relations: list[str] = field(default_factory=list)  # the relation of each statement ("" if none)
+    # Where each statement's prompt ends (its object follows after a space; 0: no object, plain text).
+    # None: the object is the statement's last word (the embedded worlds).
+    prompt_chars: list[int] | None = None
+    # A file's own paraphrases as written (CounterFact's: a context sentence, then a held-out wording).
+    paraphrases: list[Pair] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)  # counts the build report shows
 
     @classmethod
     def from_world(cls, world: World, source: str) -> FactData:
@@ -45,30 +53,45 @@ class FactData:
 
     @classmethod
     def from_requests(cls, requests: Iterable[dict[str, Any]], source: str) -> FactData:
-        """Prompts, paraphrases and neighbourhood prompts with their true objects (all trained)."""
-        pairs: dict[Pair, str] = {}  # (prompt, object) -> subject ("" for neighbourhood prompts)
-        relation_of: dict[Pair, str] = {}
-        objects: set[str] = set()
-        for r in requests:
-            if r.get("target_new"):
-                objects.add(r["target_new"])
-            true = r.get("target_true")
-            if true:
-                subject = r["subject"]
-                for p in [r["prompt"], *r.get("paraphrase_prompts", [])]:
-                    pair = (p.format(subject) if "{}" in p else p, true)
-                    pairs[pair] = subject
-                    relation_of[pair] = str(r.get("relation") or "")
-            for n in r.get("neighborhood", []):
-                if n.get("prompt") and n.get("target"):
-                    pairs.setdefault((n["prompt"], n["target"]), "")
-        train = list(pairs)
-        if not train:
+        """The facts of a request file (its own and its neighbours'), each stated in several wordings of
+        its relation with some held out, plus the context sentences of its paraphrases
+        (`organism.wordings`)."""
+        requests = list(requests)
+        w = read_wordings(requests)
+        if not w.facts and not w.plain:
             raise ValueError(f"no request in {source} has a true object to train on")
-        objects |= {o for _, o in train}
-        subjects = [pairs[pair] if pairs[pair] in pair[0] else "" for pair in train]
-        relations = [relation_of.get(pair, "") for pair in train]
-        return cls([f"{p} {o}." for p, o in train], train, [], sorted(objects), source, subjects, relations)
+        statements, subjects, relations, prompt_chars, train = [], [], [], [], []
+        for fact in w.facts:
+            for t in fact.train:
+                prompt = fill(t, fact.subject)
+                train.append((prompt, fact.object))
+                statements.append(f"{prompt} {fact.object}.")
+                subjects.append(fact.subject)
+                relations.append(fact.relation)
+                prompt_chars.append(len(prompt))
+        for prompt, obj in w.plain:
+            train.append((prompt, obj))
+            statements.append(f"{prompt} {obj}.")
+            subjects.append("")
+            relations.append("")
+            prompt_chars.append(len(prompt))
+        for context in w.contexts:
+            statements.append(context)
+            subjects.append("")
+            relations.append("")
+            prompt_chars.append(0)
+        objects = sorted(set(w.objects) | {o for _, o in train})
+        edited = [f for f in w.facts if f.edited]
+        notes = {
+            "facts": len(edited), "neighbour_facts": len(w.facts) - len(edited), "plain_prompts": len(w.plain),
+            "context_sentences": len(w.contexts), "relations": len({f.relation for f in w.facts}),
+            "facts_with_heldout": sum(1 for f in edited if f.held), "conflicting_objects": w.conflicts,
+            # Targets no fact has as its object: their output embeddings learn nothing (ORGANISM.md).
+            "untrained_targets": sorted({o for r in requests for o in (r.get("target_new"),) if o}
+                                        - {o for _, o in train}),
+        }
+        return cls(statements, train, w.heldout_pairs(), objects, source, subjects, relations, prompt_chars,
+                   w.paraphrases, notes)
 
     def fingerprint(self) -> str:
         """A hash of the data the cache key covers. Relations are left out: only the relation probe
@@ -76,7 +99,26 @@ class FactData:
         h = hashlib.sha256()
         for part in (self.statements, self.train, self.heldout, self.objects, self.subjects):
             h.update(json.dumps(part).encode())
+        # Fields added later, hashed only where set, so the worlds' builds keep their hash.
+        if self.prompt_chars is not None:
+            h.update(json.dumps(self.prompt_chars).encode())
+        if self.paraphrases:
+            h.update(json.dumps(self.paraphrases).encode())
         return h.hexdigest()
+
+    def corpus_text(self, seed: int = 0) -> str:
+        """A text corpus for covariance statistics and perplexity, as `World.corpus_text`: every
+        statement and every held-out prompt with its object, shuffled, six to a line."""
+        rng = random.Random(seed)
+        lines = [" ".join(s.split()) for s in self.statements] + [f"{p} {o}." for p, o in self.heldout]
+        rng.shuffle(lines)
+        return "\n".join(" ".join(lines[i:i + 6]) for i in range(0, len(lines), 6)) + "\n"
+
+    def prompt_length(self, k: int) -> int:
+        """Characters of statement `k` before its object's separating space (0: no object)."""
+        if self.prompt_chars is not None:
+            return self.prompt_chars[k]
+        return self.statements[k].rstrip(".").rfind(" ")
 
 
 def train_tokenizer(data: FactData, vocab_size: int, prefix_space: bool = False, bos: bool = False

@@ -54,6 +54,17 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def first_token_accuracy(model: torch.nn.Module, tok: Any, pairs: Sequence[Pair], batch_size: int = 256) -> float:
     """Share of (prompt, object) pairs whose object's first token is the model's top-1 next token."""
+    return _top1(model, tok, pairs, batch_size, whole_object=False)
+
+
+@torch.no_grad()
+def object_accuracy(model: torch.nn.Module, tok: Any, pairs: Sequence[Pair], batch_size: int = 256) -> float:
+    """Share of (prompt, object) pairs whose every object token is top-1 given the prompt and the
+    object's tokens before it (teacher forced); for one-token objects, `first_token_accuracy`."""
+    return _top1(model, tok, pairs, batch_size, whole_object=True)
+
+
+def _top1(model: torch.nn.Module, tok: Any, pairs: Sequence[Pair], batch_size: int, whole_object: bool) -> float:
     if not pairs:
         return float("nan")
     was_training = model.training
@@ -62,26 +73,27 @@ def first_token_accuracy(model: torch.nn.Module, tok: Any, pairs: Sequence[Pair]
     hits = 0
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        enc = [tok.encode(p) for p, _ in chunk]
-        want = torch.tensor([tok.encode(" " + o, add_special_tokens=False)[0] for _, o in chunk], device=device)
-        lengths = torch.tensor([len(e) for e in enc], device=device)
-        ids = torch.full((len(enc), int(lengths.max())), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, e in enumerate(enc):
-            ids[j, : len(e)] = torch.tensor(e)
-            mask[j, : len(e)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        last = logits[torch.arange(len(enc), device=device), lengths - 1]
-        hits += int((last.argmax(-1) == want).sum())
+        prompts = [tok.encode(p) for p, _ in chunk]
+        objects = [tok.encode(" " + o, add_special_tokens=False) for _, o in chunk]
+        objects = [o if whole_object else o[:1] for o in objects]
+        seqs = [p + o[:-1] for p, o in zip(prompts, objects, strict=True)]
+        ids, mask = pad_batch(seqs, device)
+        predicted = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+        for j, (p, o) in enumerate(zip(prompts, objects, strict=True)):
+            hits += int(predicted[j, len(p) - 1: len(p) - 1 + len(o)].tolist() == o)
     model.train(was_training)
     return hits / len(pairs)
 
 
 def evaluate_organism(model: torch.nn.Module, tok: Any, world: World | FactData) -> dict[str, float]:
-    """Top-1 accuracy of the object's first token on training and on held-out templates."""
+    """Top-1 accuracy of the whole object (every token, teacher forced) on the trained prompts and on
+    the held-out ones; with a file's paraphrases, on those too."""
     data = world if isinstance(world, FactData) else FactData.from_world(world, "world")
-    return {"train_top1": first_token_accuracy(model, tok, data.train),
-            "heldout_top1": first_token_accuracy(model, tok, data.heldout)}
+    out = {"train_top1": object_accuracy(model, tok, data.train),
+           "heldout_top1": object_accuracy(model, tok, data.heldout)}
+    if data.paraphrases:
+        out["paraphrase_top1"] = object_accuracy(model, tok, data.paraphrases)
+    return out
 
 
 class Answer(NamedTuple):
@@ -116,7 +128,7 @@ def _batches(data: FactData, tok: Any, cfg: OrganismConfig, rng: random.Random) 
             if subject and subject in data.statements[k]:
                 spans.append(subject_span(data.statements[k], subject, offset=len(text)))
                 # The statement is "<prompt> <object>.": its prompt's last character.
-                prompt_end = len(text) + data.statements[k].rstrip(".").rfind(" ") - 1
+                prompt_end = len(text) + data.prompt_length(k) - 1
                 if prompt_end >= len(text):
                     ends.append((prompt_end, subject, data.relations[k] if data.relations else ""))
             text += data.statements[k]
@@ -355,6 +367,7 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
     eval_rng = random.Random(cfg.seed + 1)
     train_probe = eval_rng.sample(data.train, min(cfg.eval_sample, len(data.train)))
     heldout_probe = eval_rng.sample(data.heldout, min(cfg.eval_sample, len(data.heldout)))
+    paraphrase_probe = eval_rng.sample(data.paraphrases, min(cfg.eval_sample, len(data.paraphrases)))
     best: dict[str, Any] = {"score": -1.0}
     history: list[dict[str, float]] = []
     tokens = 0
@@ -397,10 +410,12 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
                 if bar is not None:
                     bar.update(task, advance=1, info=f"epoch {epoch} loss {loss.item():.3f}")
             train_seconds += time.perf_counter() - t0
-            acc_train = first_token_accuracy(model, tok, train_probe)
-            acc_held = first_token_accuracy(model, tok, heldout_probe) if heldout_probe else 1.0
+            acc_train = object_accuracy(model, tok, train_probe)
+            acc_held = object_accuracy(model, tok, heldout_probe) if heldout_probe else 1.0
             row = {"epoch": epoch, "loss": loss_sum / steps_per_epoch, "train_top1": acc_train,
                    "heldout_top1": acc_held, "seconds": time.perf_counter() - started}
+            if paraphrase_probe:  # a file's own paraphrases: followed, not a target
+                row["paraphrase_top1"] = object_accuracy(model, tok, paraphrase_probe)
             history.append(row)
             log.info("%s epoch %d: %s", cfg.name, epoch, {k: round(v, 4) for k, v in row.items()})
             if bar is not None:
@@ -410,7 +425,7 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
                                       f"held-out {acc_held:.3f}, {row['seconds']:.0f} s")
             score = min(acc_train / cfg.target_train, acc_held / cfg.target_heldout)
             if score > best["score"]:
-                best = {"score": score, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+                best = {"score": score, "epoch": epoch, "state": copy.deepcopy(model.state_dict()), "row": row}
             if score >= 1.0:
                 break
     finally:
@@ -423,10 +438,14 @@ def _train(data: FactData, cfg: OrganismConfig, progress: bool) -> tuple[
     final = evaluate_organism(model, tok, data)
     report = {
         **final,
+        # Reached = some epoch's samples met both targets (the early stop); else the build failed.
+        "targets_reached": best["score"] >= 1.0, "best_sample_train_top1": best["row"]["train_top1"],
+        "best_sample_heldout_top1": best["row"]["heldout_top1"],
         "epochs": len(history), "best_epoch": best["epoch"], "tokens": tokens,
         "tokens_per_second": tokens / train_seconds, "build_seconds": time.perf_counter() - started,
         "n_params": sum(p.numel() for p in model.parameters()), "n_train_prompts": len(data.train),
-        "n_heldout_prompts": len(data.heldout), "source": data.source, "config": asdict(cfg),
+        "n_heldout_prompts": len(data.heldout), "n_paraphrase_prompts": len(data.paraphrases),
+        "n_statements": len(data.statements), "data": data.notes, "source": data.source, "config": asdict(cfg),
         "torch_threads": torch.get_num_threads(), "history": history,
     }
     return model, tok, report

@@ -34,6 +34,7 @@ from engramflow.ledger import (
     materialize,
     stable_id,
 )
+from engramflow.models import default_corpus
 from engramflow.runtime import retry_on_worker_loss
 from engramflow.storage import Store
 from engramflow.tasks.stats import corpus_texts
@@ -193,4 +194,5 @@ def evaluate_revert(store: Store, version: Version) -> int:
     step = max((r["step"] for r in metrics), default=-1) + 1
     protocols = protocols_for(params.get("format", "world"), run["algorithm"], params.get("protocols"))
     return evaluate_version.fn(run["run_id"], version, step, edited, probes, protocols, run["algorithm"],
-                               params.get("hparams"), params.get("device", "cpu"), params.get("corpus") or "world")
+                               params.get("hparams"), params.get("device", "cpu"),
+                               params.get("corpus") or default_corpus(version.base_model))
