@@ -449,12 +449,16 @@ class _Unit:
         base_model = ensure_base_version(self.store, self.parent.base_model)
         hp = resolved_hparams(method, base_model, self.cfg.hparams)
         spec = method.statistics(hp)
-        self.stats_keys = None
+        self.stats_keys = self.stats_minus = None
         if spec is not None:
-            subjects = [r.subject for r in to_edit] if spec.exclude_edited else None
-            self.stats_keys = compute_stats(base_model, spec.layers, self.corpus, self.cfg.stats_shards,
-                                            spec.max_tokens if self.cfg.stats_tokens is None else self.cfg.stats_tokens,
-                                            self.cfg.device, spec.max_samples, subjects)
+            stats_args = (base_model, spec.layers, self.corpus, self.cfg.stats_shards,
+                          spec.max_tokens if self.cfg.stats_tokens is None else self.cfg.stats_tokens,
+                          self.cfg.device, spec.max_samples)
+            self.stats_keys = compute_stats(*stats_args)
+            if spec.exclude_edited:
+                # What the sample says about the tick's subjects, subtracted in every candidate's edit (a
+                # bisect's halves too: one pass over the sample per tick, not per candidate).
+                self.stats_minus = compute_stats(*stats_args, mentions_of=sorted({r.subject for r in to_edit}))
         self.index = {r.request_id: i for i, r in enumerate(to_edit)}
         live_ids = [e.request_id for e in self.live]
         excluded = sorted({self.requests[r].subject for r in live_ids} | {r.subject for r in to_edit})
@@ -485,7 +489,7 @@ class _Unit:
         started = time.perf_counter()
         with self._resources():
             version = edit_candidate.submit(base, ids, remove, self.algorithm, self.cfg.hparams, self.stats_keys,
-                                            self.cfg.device).result()
+                                            self.cfg.device, self.stats_minus).result()
         self.result.edit_seconds += time.perf_counter() - started
         return version
 

@@ -56,7 +56,7 @@ LATEST_VIEWS: dict[str, str] = {
 }
 
 # The table each `*_latest` view reads.
-_LATEST_SOURCE = {"runs_latest": "runs", "experts_latest": "experts"}
+_LATEST_SOURCE = {"runs_latest": "runs", "experts_latest": "experts", "sweeps_latest": "sweeps"}
 
 # `EXPLAIN [ANALYZE] [(options)]` before a statement; what follows must itself be a SELECT.
 _EXPLAIN_RE = re.compile(r"^\s*explain\s+(analy[sz]e\s+)?(\([^)]*\)\s*)?", re.IGNORECASE)

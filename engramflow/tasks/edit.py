@@ -85,16 +85,20 @@ def edit_batch(run_id: str, batch_index: int, parent: Version, request_ids: list
 
 
 def candidate_version_id(base: Version, request_ids: list[str], remove: list[str], method: str,
-                         hparams: dict[str, Any] | None, stats_keys: dict[int, str] | None) -> str:
+                         hparams: dict[str, Any] | None, stats_keys: dict[int, str] | None,
+                         stats_minus: dict[int, str] | None = None) -> str:
     """The id of the candidate `edit_candidate` builds: a hash of everything that determines it."""
-    return stable_id("cand", base.version_id, list(request_ids), sorted(remove), method, hparams or {},
-                     {str(k): v for k, v in (stats_keys or {}).items()})
+    parts = [base.version_id, list(request_ids), sorted(remove), method, hparams or {},
+             {str(k): v for k, v in (stats_keys or {}).items()}]
+    if stats_minus:
+        parts.append({str(k): v for k, v in stats_minus.items()})
+    return stable_id("cand", *parts)
 
 
 @task(name="edit-candidate", cache_policy=NO_CACHE)
 def edit_candidate(base: Version, request_ids: list[str], remove: list[str], method: str,
                    hparams: dict[str, Any] | None, stats_keys: dict[int, str] | None, device: str = "cpu",
-                   ) -> Version:
+                   stats_minus: dict[int, str] | None = None) -> Version:
     """A candidate version: `base` without the live edits `remove` (corrected facts; a delta is one
     solve over its batch, so it goes whole and the rest of its batch is edited again with these
     requests; a state artifact loses exactly those), plus `request_ids` edited in as one batch. Its id
@@ -104,7 +108,7 @@ def edit_candidate(base: Version, request_ids: list[str], remove: list[str], met
     run's newest version, does not apply; a correction or a rollback does)."""
     use_assigned_cpus()
     store = default_store()
-    version_id = candidate_version_id(base, request_ids, remove, method, hparams, stats_keys)
+    version_id = candidate_version_id(base, request_ids, remove, method, hparams, stats_keys, stats_minus)
     try:
         return get_version(store, version_id)
     except KeyError:
@@ -130,7 +134,7 @@ def edit_candidate(base: Version, request_ids: list[str], remove: list[str], met
         state_key = save_artifact(store, state)
     stripped = Version(version_id, base.base_model, tuple(keys), base.version_id, None, state_key)
     model, tok = materialize(store, stripped, device=device, with_state=False)
-    stats = load_moments(store, stats_keys) if stats_keys else None
+    stats = load_moments(store, stats_keys, stats_minus) if stats_keys else None
     artifact = editors.edit(model, tok, fetch_requests(store, [*survivors, *request_ids]), method=method,
                             hparams=hparams, stats=stats, cache=request_cache(), state=state,
                             history=[load_artifact(store, key) for key in keys])

@@ -114,13 +114,14 @@ def perplexity_texts(settings: GateSettings, corpus: str, exclude_subjects: Sequ
     text (default: the corpus) that mention no subject in `exclude_subjects`. What is said about an
     edited subject is meant to change (the embedded world's corpus states the very facts a drop edits:
     with them in, 50 good MEMIT edits raised it 11%)."""
-    from engramflow.editors.covariance import excluding
+    from engramflow.editors.covariance import subject_pattern
 
     if not settings.perplexity_lines:
         return []
     sentences = [s for line in corpus_texts(settings.perplexity_text or corpus)
                  for s in re.split(r"(?<=[.!?])\s+", line.strip()) if s]
-    return list(excluding(sentences, exclude_subjects))[-settings.perplexity_lines:]
+    pattern = subject_pattern(exclude_subjects)
+    return [s for s in sentences if pattern is None or not pattern.search(s)][-settings.perplexity_lines:]
 
 
 @task(name="measure", cache_policy=NO_CACHE)
