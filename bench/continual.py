@@ -68,9 +68,9 @@ def main() -> None:
     args = parser.parse_args()
 
     home.quiet_env()
-    from engramflow.flows.continual import ContinualConfig, continual_flow, default_corpus
+    from engramflow.flows.continual import ContinualConfig, continual_flow
     from engramflow.ledger import default_store
-    from engramflow.models import resolve_model
+    from engramflow.models import default_corpus, resolve_model
     from engramflow.runtime import pipeline_runtime, task_runner
 
     model = resolve_model(args.model)
