@@ -176,16 +176,19 @@ def test_gpt2_conv1d_deltas_export_and_import_through_plain_peft(tiny_gpt2, tmp_
     store = Store(tmp_path / "store")
     base = ensure_base_version(store, str(tiny_gpt2))
     torch.manual_seed(1)
-    # Ranks 3 and 2 on layer 1 (stacked: 5), 1 on layer 2; d_out 32, d_in 128 (non-square, so a transpose shows).
+    # Layer 1: ranks 3 + 2 = 5. Layer 2: rank 1 + a full-rank FT-like 32 = 33 > min(32, 128), so stored
+    # dense at rank 32. d_out 32, d_in 128: not square, so a wrong transpose would show.
     first = Delta({1: (torch.randn(32, 3) * 0.3, torch.randn(128, 3) * 0.3), 2: (torch.randn(32, 1), torch.randn(128, 1))},
                   algorithm="memit")
-    second = Delta({1: (torch.randn(32, 2) * 0.3, torch.randn(128, 2) * 0.3)}, algorithm="memit")
+    second = Delta({1: (torch.randn(32, 2) * 0.3, torch.randn(128, 2) * 0.3),
+                    2: (torch.eye(32), torch.randn(128, 32) * 0.05)}, algorithm="ft")
     v1 = record_version(store, "g1", base, first, save_artifact(store, first), None)
     v2 = record_version(store, "g2", v1, second, save_artifact(store, second), None)
     out = export_version(store, v2.version_id, tmp_path / "adapter", fmt="peft")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] and sorted(config["target_modules"]) == ["transformer.h.1.mlp.c_proj",
                                                                              "transformer.h.2.mlp.c_proj"]
+    assert json.loads((out / "edits.json").read_text())["adapter"]["rank"] == {"1": 5, "2": 32}
     merged, tok = materialize(store, v2)
     served = peft.PeftModel.from_pretrained(base_model(tiny_gpt2), str(out)).eval()
     assert torch.allclose(logits(served, tok, PROMPTS), logits(merged, tok, PROMPTS), atol=1e-4, rtol=1e-4)
