@@ -6,6 +6,7 @@ cannot hold (a SCEN bank, adapters on other modules) is refused naming it. GPT-2
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,11 @@ def test_what_lora_cannot_hold_is_refused_naming_it(edited, tiny_organism, tmp_p
     result = CliRunner().invoke(_app(), ["export", scen.version_id, "--format", "peft", "--out",
                                          str(tmp_path / "scen")])
     assert result.exit_code == 1 and "scen state artifact" in result.output and not (tmp_path / "scen").exists()
+    with monkeypatch.context() as without_peft:
+        without_peft.setitem(sys.modules, "peft", None)  # as if it were not installed
+        with pytest.raises(ImportError, match=r"engramflow\[peft\]"):
+            export_version(store, version.version_id, tmp_path / "none", fmt="peft")
+    assert not (tmp_path / "none").exists()
 
     attention = peft.get_peft_model(base_model(tiny_organism), peft.LoraConfig(r=2, target_modules=["q_proj",
                                                                                                    "down_proj"]))
