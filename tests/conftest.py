@@ -38,6 +38,13 @@ def engramflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home.set_home(tmp_path_factory.mktemp("home"))
 
 
+@pytest.fixture(autouse=True)
+def session_home_restored(engramflow_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's `--home` writes ENGRAMFLOW_HOME for its children: after a test that invoked it in this
+    process, later tests would read another store than the session's Ray workers write."""
+    monkeypatch.setenv("ENGRAMFLOW_HOME", str(engramflow_home))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -108,11 +108,10 @@ def test_the_cli_refuses_a_bad_spec_before_starting_anything(tmp_path):
     from engramflow.cli import app
 
     path = _write(tmp_path / "bad.yaml", {"name": "bad", "grid": {"algorithm": ["memit"], "layers": ["zero"]}})
-    start = time.monotonic()
     result = CliRunner().invoke(app, ["--home", str(tmp_path / "home"), "sweep", str(path)])
     assert result.exit_code == 1
     assert "layers is 'preset', 'auto'" in result.output
-    assert time.monotonic() - start < 60 and not (tmp_path / "home" / "state").exists()  # no Prefect, no Ray
+    assert not (tmp_path / "home" / "state").exists()  # refused before the Prefect API or Ray started
 
 
 # --- a sweep in this process, on the session's local Ray -------------------------------------------
