@@ -423,10 +423,14 @@ def use_assigned_cpus() -> None:
     several CPUs would otherwise compute on one."""
     import ray
 
-    if ray.is_initialized():
+    if not ray.is_initialized():
+        return
+    try:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-        if cpus:
-            torch.set_num_threads(max(1, int(cpus)))
+    except AssertionError:  # Ray asserts worker mode: a task function called in the driver keeps its threads
+        return
+    if cpus:
+        torch.set_num_threads(max(1, int(cpus)))
 
 
 def cpu_options(device: str | torch.device, num_cpus: int) -> dict[str, float]:

@@ -135,6 +135,7 @@ def facts_organism(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) 
     return build_organism(facts=path, format="counterfact", config=FACTS_TEST_CONFIG, progress=False)
 
 
+@pytest.mark.slow  # a two-minute build on CI's two cores; the failing build above runs the same path
 def test_an_organism_of_counterfact_records_knows_them(facts_organism: Path) -> None:
     """Real names, multi-word objects, held-out wordings: the build reaches the world's targets on every
     prompt, and reports what it reached on the file's paraphrases as written."""

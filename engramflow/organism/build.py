@@ -114,11 +114,13 @@ def build_organism(tiny: bool = False, facts: str | os.PathLike[str] | None = No
     By default it learns the embedded world (`tiny`: the tiny world and model; `world`: a named world
     such as `world-large`); with `facts` (and its ingest `format`) it learns any fact set the ingest
     stage reads. The config is `config` (default: the default or tiny one) with what the data needs
-    (`derive_config`). A build that misses its accuracy targets raises OrganismBuildError and is kept
+    (`derive_config`); a `config` given keeps its own epoch cap. A build that misses its accuracy targets raises OrganismBuildError and is kept
     under `failed/`, never cached."""
     data, suffix = fact_data(tiny, facts, format, world)
     base = config or (TINY_CONFIG if tiny or world == "world-tiny" else DEFAULT_CONFIG)
     cfg = derive_config(data, replace(base, name=f"{base.name}-{suffix}") if suffix else base)
+    if config is not None:
+        cfg = replace(cfg, max_epochs=config.max_epochs)
     if not data.heldout:
         raise OrganismBuildError(
             f"{data.source}: no fact has a wording held out (each is asked in one wording only), so the "
