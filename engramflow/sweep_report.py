@@ -30,6 +30,8 @@ NAMED = (
 # What the table shows and the axis plots draw: (column, header).
 SHOWN = (("es", "ES"), ("ps", "PS"), ("ns", "NS"), ("s", "S"), ("probe_top1", "probe top-1"),
          ("perplexity", "perplexity"), ("rel_norm", "max rel. norm"))
+# The terminal's table: what fits 80 columns beside the axes (the report's markdown has every column).
+TERMINAL = (("es", "ES"), ("ps", "PS"), ("ns", "NS"), ("probe_top1", "probe"), ("perplexity", "ppl"))
 PLOTTED_LABELS = {**LABELS, "rel_norm": "max ‖W − W₀‖_F / ‖W₀‖_F"}
 MARKERS = ("o", "s", "^", "D", "v", "P")
 STYLES = ("-", "--", ":", "-.")
@@ -112,18 +114,18 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def results_table(rows: Sequence[Mapping[str, Any]], title: str = "") -> Any:
-    """The ranked table for the terminal (rich)."""
+    """The ranked table for the terminal (rich), narrow enough for 80 columns: rank, the cell's axes
+    (with its status when it did not complete) and five metrics; the markdown report has them all."""
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table("rank", "cell", "axes", "status", *(h for _, h in SHOWN), "collapse", title=title or None,
-                  title_justify="left")
+    table = Table("#", "axes", *(h for _, h in TERMINAL), title=title or None, title_justify="left")
     for b in baselines(rows):
-        table.add_row("unedited", "—", escape(f"cell {b['cell']}'s requests"), "—",
-                      *(fmt(b[c], c) for c, _ in SHOWN), "—", style="dim")
+        table.add_row("—", escape(f"unedited (cell {b['cell']}'s requests)"), *(fmt(b[c], c) for c, _ in TERMINAL),
+                      style="dim")
     for r in rows:
-        table.add_row(str(r["rank"] or "—"), str(r["cell"]), escape(cell_label(r["axes"])), escape(_status(r)),
-                      *(fmt(r.get(c), c) for c, _ in SHOWN), _collapse(r))
+        label = cell_label(r["axes"]) + ("" if r["status"] == "completed" else f" [{_status(r)}]")
+        table.add_row(str(r["rank"] or "—"), escape(label), *(fmt(r.get(c), c) for c, _ in TERMINAL))
     return table
 
 
