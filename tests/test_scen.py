@@ -122,6 +122,28 @@ def test_own_prompt_routes_to_own_expert_and_unrelated_to_none(gpt2, tok, bank):
     assert not isinstance(adapter_for(gpt2).mlp_out_module(gpt2, 1), ScenLayer)
 
 
+def test_routing_asks_route_theta_not_the_training_threshold(gpt2, tok, bank):
+    """SCEN's generality-locality trade-off is the inference threshold's: at 0 every prompt goes to its
+    strongest expert, unrelated ones too; at 1 none does; the neurons are the same throughout."""
+    assert ExpertBank(1, 32, 128, replace(CONFIG, route_theta=0.3)).route_theta == 0.3
+    assert ExpertBank(1, 32, 128, CONFIG).route_theta == CONFIG.theta
+    reqs = _requests()[:4]
+    attach(gpt2, 1, bank)
+    try:
+        bank.route_theta = 0.0
+        assert None not in route(gpt2, tok, UNRELATED)
+        bank.route_theta = 1.0
+        assert route(gpt2, tok, [r.prompt for r in reqs]) == [None] * 4
+    finally:
+        bank.route_theta = CONFIG.theta
+        detach(gpt2)
+    attach(gpt2, 1, bank)
+    try:
+        assert route(gpt2, tok, [r.prompt for r in reqs]) == [r.request_id for r in reqs]
+    finally:
+        detach(gpt2)
+
+
 def test_routing_is_kept_through_generate_with_kv_cache_and_per_row(gpt2, tok, bank):
     reqs = _requests()[:2]
     prompts = [reqs[0].prompt, UNRELATED[0], reqs[1].prompt]

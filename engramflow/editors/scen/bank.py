@@ -61,6 +61,7 @@ class ExpertBank(Artifact):
         self.d_model, self.d_mlp = d_model, d_mlp
         self.config = config
         self.theta = config.theta
+        self.route_theta = config.theta if config.route_theta is None else config.route_theta
         self.ids: list[str] = []
         self.facts: list[dict[str, Any]] = []  # fact_of(request) per expert, for contrast prompts
         r = config.rank

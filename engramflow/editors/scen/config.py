@@ -45,7 +45,11 @@ class ScenConfig:
     # old subjects in new templates, where old neurons misfire.
     recalibrate_steps: int = 20
     # --- inference --------------------------------------------------------------------------------
-    theta: float = 0.65
+    theta: float = 0.65  # the score a neuron is trained around (margin loss, matched start) and routes at
+    # The score routing asks at inference when it differs from the one the neurons were trained around
+    # (None: theta). SCEN's generality-locality trade-off is this threshold's: a lower one routes more
+    # paraphrases to their experts and more unrelated prompts too.
+    route_theta: float | None = None
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """The routing layer: the edited MLP output projection plus every expert and indexing neuron.
 
 At the first forward of a prompt all neurons are read at the last prompt token with one matmul;
-a row whose strongest neuron exceeds theta uses that expert's delta (rank-r factors, or the dense
-matrix of a full bank) for the rest of the sequence (prompt and generated tokens), every other row
-keeps the original weights.
+a row whose strongest neuron exceeds the routing threshold (`route_theta`, by default theta) uses
+that expert's delta (rank-r factors, or the dense matrix of a full bank) for the rest of the sequence
+(prompt and generated tokens), every other row keeps the original weights.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class ScenLayer(nn.Module):
         if scores.shape[1] == 0:
             return torch.full((batch,), NO_EXPERT, device=h.device, dtype=torch.long)
         best, idx = scores.max(dim=1)
-        return torch.where(best > self.bank.theta, idx, torch.full_like(idx, NO_EXPERT))
+        return torch.where(best > self.bank.route_theta, idx, torch.full_like(idx, NO_EXPERT))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         out = self.base(h)
