@@ -77,6 +77,35 @@ def test_history_finds_an_edited_subject(sequential_run):
     assert any(r["run_id"] == run_id and r["es_latest"] is not None for r in rows)
 
 
+def test_a_run_whose_preset_changed_since_its_batches_is_refused_not_mixed(ray_runtime, tiny_organism):
+    """A run's id is a hash of its options, so after a preset changes the same options name the old run:
+    going on would stack batches edited with new settings on batches edited with the old. Refused,
+    naming the setting, with nothing of the run changed; its recorded settings stay the old ones."""
+    from engramflow.flows.batches import SettingsChanged
+    from engramflow.ledger import record_run
+
+    store = default_store()
+    cfg = RunConfig(algorithm="memit", model=str(tiny_organism), n=4, batch_size=2, seed=3, **TINY)
+    run_id = _run(sequential_flow, cfg)
+    params = json.loads(store.sql(f"select params from runs_latest where run_id = '{run_id}'").to_pylist()[0]["params"])
+    # the run as an earlier preset would have recorded it: another learning rate for the targets
+    older = {**params, "settings": {**params["settings"], "v_lr": params["settings"]["v_lr"] * 2}}
+    record_run(store, run_id, "sequential", cfg.algorithm, cfg.model, cfg.dataset, older, "completed")
+    versions = store.sql("select count(*) as n from model_versions").to_pylist()[0]["n"]
+    with pytest.raises(SettingsChanged, match=r"v_lr .* -> .*--run-id"):
+        _run(sequential_flow, cfg)
+    assert store.sql("select count(*) as n from model_versions").to_pylist()[0]["n"] == versions
+    rows = store.sql(f"select status, params from runs_latest where run_id = '{run_id}'").to_pylist()
+    assert rows[0]["status"] == "failed" and "settings" not in json.loads(rows[0]["params"])
+    with pytest.raises(SettingsChanged):  # and again: the refusal did not record the new settings
+        _run(sequential_flow, cfg)
+    # under another id the same options run with today's settings
+    from engramflow.runtime import task_runner
+
+    again = sequential_flow.with_options(task_runner=task_runner())(cfg, run_id + "-again")
+    assert sorted(committed_batches(store, again)) == [0, 1]
+
+
 def test_edit_flow_single_batch_with_located_layer(ray_runtime, tiny_organism):
     store = default_store()
     cfg = RunConfig(algorithm="rome", model=str(tiny_organism), n=1, layers="auto", **TINY)

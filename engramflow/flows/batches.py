@@ -8,6 +8,7 @@ the ledger, so running the same config again resumes where it stopped.
 
 from __future__ import annotations
 
+import json
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,38 @@ def _layers(cfg: RunConfig, base: Version, sample: list[str]) -> list[int] | Non
     return [int(x) for x in cfg.layers.split(",")]
 
 
+class SettingsChanged(ValueError):
+    """A run that already has committed batches would go on with other method settings (a preset changed
+    since): its results would mix the two."""
+
+
+def _recorded_settings(store: Any, run_id: str) -> dict[str, Any] | None:
+    """The method settings the run's newest row that has them recorded (None: none yet)."""
+    import pyarrow.compute as pc
+
+    rows = store.read("runs", columns=["params", "updated_at"], filter=pc.field("run_id") == run_id).to_pylist()
+    for row in sorted(rows, key=lambda r: r["updated_at"], reverse=True):
+        settings = json.loads(row["params"]).get("settings")
+        if settings:
+            return settings
+    return None
+
+
+def check_settings_unchanged(store: Any, run_id: str, settings: dict[str, Any]) -> None:
+    """Refuse to go on with a run whose committed batches were edited with other settings: a run's id is
+    a hash of its options, not of the preset they resolve to, so after a preset changes the same options
+    name the old run."""
+    recorded = _recorded_settings(store, run_id)
+    now = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    if recorded is None or recorded == now or not committed_batches(store, run_id):
+        return
+    changed = ", ".join(f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(recorded) | set(now))
+                        if recorded.get(k) != now.get(k))
+    raise SettingsChanged(f"run {run_id} has batches edited with other settings than its method resolves to now "
+                          f"({changed}); going on would mix the two. Start it under another id (--run-id) or in "
+                          "another home (--home).")
+
+
 def run_batches(flow_name: str, cfg: RunConfig, run_id: str | None = None) -> str:
     """Run `cfg` as flow `flow_name`; returns the run id. A failure is recorded with its error."""
     validate(cfg)  # a config that cannot work fails here, before its run is recorded
@@ -119,6 +152,8 @@ def run_batches(flow_name: str, cfg: RunConfig, run_id: str | None = None) -> st
     try:
         _run(flow_name, cfg, run_id, settings)
     except BaseException as err:
+        if isinstance(err, SettingsChanged):
+            settings.clear()  # the run's batches were edited with the recorded ones: keep those on record
         record("failed", "; ".join([f"{type(err).__name__}: {err}", *getattr(err, "__notes__", [])]))
         raise
     record("completed")
@@ -147,6 +182,7 @@ def _run(flow_name: str, cfg: RunConfig, run_id: str, settings: dict[str, Any]) 
         settings["layers_from"] = "causal tracing (--layers auto)"
     log.info("settings: %s", ", ".join(f"{k} {settings[k]}" for k in ("preset", "layers_from", "layers", "layer")
                                        if settings.get(k) not in (None, "")))
+    check_settings_unchanged(store, run_id, settings)
     corpus = cfg.corpus or default_corpus(cfg.model)
     needed = statistics_needed(method, cfg, base, hparams)
     stats_keys = needed.compute() if needed is not None else None
