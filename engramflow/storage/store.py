@@ -55,8 +55,8 @@ LATEST_VIEWS: dict[str, str] = {
     ),
 }
 
-# The table each `*_latest` view reads.
-_LATEST_SOURCE = {"runs_latest": "runs", "experts_latest": "experts", "sweeps_latest": "sweeps"}
+# The table each `*_latest` view reads: its name without the suffix (a new view needs no second entry).
+_LATEST_SOURCE = {name: name.removesuffix("_latest") for name in LATEST_VIEWS}
 
 # `EXPLAIN [ANALYZE] [(options)]` before a statement; what follows must itself be a SELECT.
 _EXPLAIN_RE = re.compile(r"^\s*explain\s+(analy[sz]e\s+)?(\([^)]*\)\s*)?", re.IGNORECASE)
