@@ -38,6 +38,18 @@ def engramflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home.set_home(tmp_path_factory.mktemp("home"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and lose much when cores are shared: a module
+    that edits them asks for this with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def session_home_restored(engramflow_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI's `--home` writes ENGRAMFLOW_HOME for its children: after a test that invoked it in this

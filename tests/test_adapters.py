@@ -16,6 +16,8 @@ from engramflow import editors
 from engramflow.editors.adapters import ADAPTERS, UnknownModelType, adapter_for, check_supported
 from engramflow.editors.evaluation import EvalContext, evaluate, summarize
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 D_MODEL, D_MLP, VOCAB = 32, 64, 128
 # Initialiser std 0.2: at the usual 0.02 a random model's output barely depends on its input, and
 # edits that must take are made where it does.
@@ -199,15 +201,6 @@ def tok() -> T.PreTrainedTokenizerFast:
         vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"],
         show_progress=False))
     return T.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose much when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def to_move(model: torch.nn.Module, tok) -> list[dict]:

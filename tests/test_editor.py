@@ -18,17 +18,10 @@ from engramflow.editor import Editor
 from engramflow.editors.adapters import UnknownModelType
 from engramflow.editors.scen import attached
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # Fewer target steps than the organism's presets (200): these edits take on the tiny organism all the same.
 QUICK = {"v_num_grad_steps": 60}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny organism gains nothing from a second thread, and loses much when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

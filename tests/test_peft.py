@@ -34,16 +34,10 @@ from engramflow.ledger import (  # noqa: E402
 )
 from engramflow.storage import Store  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 QUICK = {"v_num_grad_steps": 60}  # as in test_editor: enough for the tiny organism's edits to take
 PROMPTS = ["The capital of France is", "Danielle Darrieux speaks", "Apple was founded by"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def logits(model, tok, prompts: list[str]) -> torch.Tensor:

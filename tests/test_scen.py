@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +34,8 @@ from engramflow.editors.scen import (
     train_expert,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SUBJECTS = ["Alva Brennick", "Doran Kest", "Mirela Vost", "Tobin Harrow", "Selka Drun", "Orrin Pell"]
 CITIES = ["Zarnow", "Kelmet", "Vossa", "Ildar", "Brenhollow", "Quessel"]
 # The subject ends every prompt: in a random (untrained) model only the last token's own embedding
@@ -58,15 +59,6 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<unk>")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Models this small run fastest on one thread; on a shared CPU extra threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
