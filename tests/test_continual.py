@@ -264,6 +264,16 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def _stop(proc: subprocess.Popen, sig: int, timeout: float) -> None:
+    """Ask a process group to stop with `sig`; SIGKILL it if it has not after `timeout` seconds."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+
+
 def _alias_rows(store: Store, table: str, alias: str, columns: str = "*") -> list[dict]:
     return store.sql(f"select {columns} from {table} where alias = '{alias}' order by recorded_at").to_pylist()
 
@@ -377,12 +387,7 @@ def prefect_server(tmp_path):
         _wait_for(healthy, 120, "prefect server start", [(server, log)])
         yield url
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                _kill(server)
+        _stop(server, signal.SIGTERM, 20)
 
 
 def test_a_served_deployment_fires_on_its_own_and_quarantines_a_harmful_drop(tiny_organism, tmp_path,
@@ -422,12 +427,7 @@ def test_a_served_deployment_fires_on_its_own_and_quarantines_a_harmful_drop(tin
         land(inbox, "day2.jsonl", [good[0], *undoing(first[0], 3), {"subject": "nobody"}, good[1]])
         _wait_for(lambda: _final(store, "production", day2), 600, "the second drop to be gated", [(serve, log)])
     finally:
-        if serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGINT)
-            try:
-                serve.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                _kill(serve)
+        _stop(serve, signal.SIGINT, 30)
 
     assert _final(store, "production", day1)["status"] == "promoted"
     second = _final(store, "production", day2)
