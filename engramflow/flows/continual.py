@@ -32,8 +32,7 @@ from prefect_ray.context import remote_options
 from engramflow import home
 from engramflow.aliases import AliasBusy, alias_lock, check_alias_name, current_alias, live_edits, set_alias
 from engramflow.editors.methods import get_method
-from engramflow.flows.batches import resolved_hparams
-from engramflow.flows.stats import compute_stats
+from engramflow.flows.batches import StatisticsNeeded, resolved_hparams
 from engramflow.ledger import (
     Version,
     default_store,
@@ -451,14 +450,14 @@ class _Unit:
         spec = method.statistics(hp)
         self.stats_keys = self.stats_minus = None
         if spec is not None:
-            stats_args = (base_model, spec.layers, self.corpus, self.cfg.stats_shards,
-                          spec.max_tokens if self.cfg.stats_tokens is None else self.cfg.stats_tokens,
-                          self.cfg.device, spec.max_samples)
-            self.stats_keys = compute_stats(*stats_args)
-            if spec.exclude_edited:
+            needed = StatisticsNeeded(base_model, list(spec.layers), self.corpus, self.cfg.stats_shards,
+                                      spec.max_tokens if self.cfg.stats_tokens is None else self.cfg.stats_tokens,
+                                      self.cfg.device, spec.max_samples, spec.exclude_edited)
+            self.stats_keys = needed.compute()
+            if needed.exclude_edited:
                 # What the sample says about the tick's subjects, subtracted in every candidate's edit (a
                 # bisect's halves too: one pass over the sample per tick, not per candidate).
-                self.stats_minus = compute_stats(*stats_args, mentions_of=sorted({r.subject for r in to_edit}))
+                self.stats_minus = needed.mentions(sorted({r.subject for r in to_edit}))
         self.index = {r.request_id: i for i, r in enumerate(to_edit)}
         live_ids = [e.request_id for e in self.live]
         excluded = sorted({self.requests[r].subject for r in live_ids} | {r.subject for r in to_edit})
